@@ -1,13 +1,43 @@
-"""Preference data: loading many formats into one record type, and rendering prompts."""
+"""Preference data: many on-disk formats in, one record type (`Preference`) out.
+
+Accepted sources: the built-in `example` set, a local .jsonl/.json/.parquet/.csv file, or a Hugging
+Face hub dataset id, each optionally followed by `:SPLIT` (default `train`). Rows hold
+`prompt/chosen/rejected` as plain text or chat messages, or (Anthropic-HH style) only
+`chosen/rejected` full transcripts, split at the last "\\n\\nAssistant:".
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from learndyn.errors import LearndynError
+from learndyn.vocab import canonical_type
 
 Messages = list[dict[str, str]]
 Prompt = str | Messages
+
+EXAMPLE_DATA = "example"
+HH_MARKER = "\n\nAssistant:"
+
+
+@dataclass(frozen=True)
+class Preference:
+    """One preference example: a prompt, its chosen and rejected responses, and any extra probes.
+
+    `extras` holds further responses already present in the source (rephrases, the authors' probe
+    columns), keyed by their probe-vocabulary name.
+    """
+
+    example_id: str
+    prompt: Prompt
+    chosen: str
+    rejected: str | None
+    extras: dict[str, str] = field(default_factory=dict)
 
 
 def render_prompt(prompt: Prompt, tokenizer: Any) -> str:
@@ -25,3 +55,218 @@ def render_prompt(prompt: Prompt, tokenizer: Any) -> str:
             "give plain-text prompts or a chat model"
         )
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def load_preferences(spec: str, *, limit: int | None = None, need_rejected: bool = True) -> list[Preference]:
+    """Load preference data from `spec` (see the module docstring) into `Preference` records."""
+    source, split = _split_spec(spec)
+    rows = _read_rows(source, split)
+    prefs: list[Preference] = []
+    seen: set[str] = set()
+    for index, (where, row) in enumerate(rows):
+        if limit is not None and len(prefs) >= limit:
+            break
+        pref = _to_preference(row, where, default_id=str(index), need_rejected=need_rejected)
+        if pref.example_id in seen:
+            raise LearndynError(f"{where}: duplicate example_id '{pref.example_id}'")
+        seen.add(pref.example_id)
+        prefs.append(pref)
+    if not prefs:
+        raise LearndynError(f"{spec}: no examples")
+    return prefs
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of a local file as `(location, row)`, location naming the file and line for errors."""
+    path = Path(path)
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows, ".csv": _csv_rows}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise LearndynError(f"{path}: unsupported file type '{path.suffix}'; valid: {', '.join(readers)}")
+    if not path.is_file():
+        raise LearndynError(f"{path}: file not found")
+    return reader(path)
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    if Path(spec).exists():
+        return spec, "train"
+    name, sep, split = spec.rpartition(":")
+    if sep and name and split and "/" not in split:
+        return name, split
+    return spec, "train"
+
+
+def _read_rows(source: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    if source == EXAMPLE_DATA:
+        path = resources.files("learndyn") / "resources" / f"example_{split}.jsonl"
+        if not path.is_file():
+            raise LearndynError(f"built-in data '{EXAMPLE_DATA}' has no split '{split}'; valid: train, test")
+        return _jsonl_rows(Path(str(path)))
+    path = Path(source)
+    if path.suffix.lower() in {".jsonl", ".json", ".parquet", ".csv"} or path.exists():
+        if split != "train" and not path.exists():
+            raise LearndynError(f"{source}: file not found")
+        return read_records(path)
+    return _hub_rows(source, split)
+
+
+def _hub_rows(dataset_id: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        import datasets
+
+        data = datasets.load_dataset(dataset_id, split=split)
+    except Exception as err:  # datasets raises many types for offline/missing/private
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LearndynError(
+            f"cannot load dataset '{dataset_id}' split '{split}' (not a local file; hub offline or id wrong?): {first}"
+        ) from None
+    return ((f"{dataset_id}[{split}] row {i}", row) for i, row in enumerate(data))
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise LearndynError(f"{where}: not UTF-8 text (byte {err.start})") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise LearndynError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise LearndynError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise LearndynError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise LearndynError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]} style
+    if not isinstance(data, list):
+        raise LearndynError(f"{path}: expected a list of objects")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise LearndynError(f"{path}: item {i} is not an object")
+        yield f"{path}: item {i}", row
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid and OSError variants
+        raise LearndynError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path}: row {i}", row
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import csv
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise LearndynError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    for row in reader:
+        yield f"{path}:{reader.line_num}", {k: _maybe_json(v) for k, v in row.items() if k is not None}
+
+
+def _maybe_json(value: str | None) -> Any:
+    """CSV cells holding conversations are JSON lists; decode those, keep other text as is."""
+    if value and value.lstrip().startswith("[{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _to_preference(row: dict[str, Any], where: str, *, default_id: str, need_rejected: bool) -> Preference:
+    example_id = str(row.get("example_id", row.get("id", default_id)))
+    if "chosen" not in row or row["chosen"] is None:
+        raise LearndynError(f"{where}: missing field 'chosen'")
+    if need_rejected and row.get("rejected") is None:
+        raise LearndynError(f"{where}: missing field 'rejected' (needed for preference pairs)")
+    if row.get("prompt") is not None:
+        prompt = parse_prompt(row["prompt"], where)
+        chosen = _response(row["chosen"], where, "chosen")
+        rejected = _response(row["rejected"], where, "rejected") if row.get("rejected") is not None else None
+    else:
+        prompt, chosen, rejected = _implicit_prompt(row, where)
+    extras = {}
+    for column, value in row.items():
+        name = canonical_type(column)
+        if name in (None, "chosen", "rejected") or value is None or value == "":
+            continue
+        extras[name] = _response(value, where, column)
+    return Preference(example_id, prompt, chosen, rejected, extras)
+
+
+def parse_prompt(value: Any, where: str) -> Prompt:
+    if isinstance(value, str):
+        if not value.strip():
+            raise LearndynError(f"{where}: field 'prompt' is empty")
+        return value
+    messages = _messages(value, where, "prompt")
+    if not messages:
+        raise LearndynError(f"{where}: field 'prompt' is an empty conversation")
+    return messages
+
+
+def _response(value: Any, where: str, name: str) -> str:
+    if not isinstance(value, str):
+        messages = _messages(value, where, name)
+        if not messages:
+            raise LearndynError(f"{where}: field '{name}' is an empty conversation")
+        value = messages[-1]["content"]
+    if not value.strip():
+        raise LearndynError(f"{where}: field '{name}' is empty")
+    return value
+
+
+def _messages(value: Any, where: str, name: str) -> Messages:
+    try:
+        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in list(value)]
+    except (TypeError, KeyError):
+        raise LearndynError(
+            f"{where}: field '{name}' must be text or a list of {{'role', 'content'}} messages"
+        ) from None
+    return messages
+
+
+def _implicit_prompt(row: dict[str, Any], where: str) -> tuple[Prompt, str, str | None]:
+    """No `prompt` column: the prompt is the part shared by chosen and rejected."""
+    chosen_raw, rejected_raw = row["chosen"], row.get("rejected")
+    if isinstance(chosen_raw, str):
+        if HH_MARKER not in chosen_raw:
+            raise LearndynError(
+                f"{where}: no 'prompt' field and 'chosen' is not an HH transcript (no '\\n\\nAssistant:')"
+            )
+        cut = chosen_raw.rindex(HH_MARKER) + len(HH_MARKER)
+        prompt, chosen = chosen_raw[:cut], chosen_raw[cut:]
+        rejected = None
+        if rejected_raw is not None:
+            if not isinstance(rejected_raw, str) or HH_MARKER not in rejected_raw:
+                raise LearndynError(f"{where}: 'rejected' is not an HH transcript like 'chosen'")
+            rejected = rejected_raw[rejected_raw.rindex(HH_MARKER) + len(HH_MARKER):]
+        for name, text in (("chosen", chosen), ("rejected", rejected)):
+            if text is not None and not text.strip():
+                raise LearndynError(f"{where}: field '{name}' has an empty final assistant turn")
+        return prompt, chosen, rejected
+    messages = _messages(chosen_raw, where, "chosen")
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise LearndynError(f"{where}: no 'prompt' field and 'chosen' does not end with an assistant turn")
+    rejected = _response(rejected_raw, where, "rejected") if rejected_raw is not None else None
+    return messages[:-1], _response(messages, where, "chosen"), rejected

@@ -1,0 +1,168 @@
+"""The `learndyn` command: each command parses, calls one library function and prints a summary.
+
+Heavy imports (torch, transformers) happen inside commands so that `learndyn --help` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from learndyn.errors import LearndynError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
+                  help="Measure and explain the learning dynamics of LLM finetuning.")
+probes_app = typer.Typer(no_args_is_help=True, help="Build probe sets.")
+app.add_typer(probes_app, name="probes")
+console = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 130)  # full tables when piped to a file
+
+ModelOpt = Annotated[str, typer.Option("--model", help="Hub id, local folder, .gguf file or the built-in name.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: GPU if present).")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU).")]
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
+    try:
+        app()
+    except LearndynError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+@probes_app.command("build")
+def probes_build(
+    data: Annotated[str, typer.Option(help="Preference data: 'example', a .jsonl/.json/.parquet/.csv file or a hub id, with optional :SPLIT.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Probe file to write (JSONL).")],
+    held_out: Annotated[Optional[str], typer.Option(help="Held-out preference data whose chosen answers become other_test.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N examples.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for derangements and shuffles.")] = 0,
+    rephraser: Annotated[str, typer.Option(help="Backend for rephrases missing from the data: none, local or openai.")] = "none",
+    model: Annotated[Optional[str], typer.Option(help="Add the model's own greedy response ('greedy') using this model.")] = None,
+    rephrase_model: Annotated[str, typer.Option(help="Chat model of the 'local' rephraser.")] = "smollm2-135m-instruct",
+    base_url: Annotated[str, typer.Option(help="Endpoint of the 'openai' rephraser (any OpenAI-compatible API).")] = "https://api.openai.com/v1",
+    api_model: Annotated[str, typer.Option(help="Model name for the 'openai' rephraser.")] = "gpt-4o-mini",
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
+    greedy_tokens: Annotated[int, typer.Option(help="Longest greedy response, in tokens.")] = 64,
+    resume: Annotated[bool, typer.Option(help="Keep the rows already in --out and build the rest.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Build a probe set (one row per prompt, one column per response type) from preference data."""
+    from learndyn.data import load_preferences
+    from learndyn.probes.build import ProbeBuildError, build_probes
+    from learndyn.probes.files import read_probes, write_probes
+    from learndyn.probes.rephrase import REPHRASERS, make_rephraser
+
+    if rephraser not in REPHRASERS:
+        raise LearndynError(f"unknown rephraser '{rephraser}'; valid: {', '.join(REPHRASERS)}")
+    if out_path.exists() and not (resume or overwrite):
+        raise LearndynError(f"{out_path} exists; pass --resume to finish it or --overwrite to replace it")
+    done = read_probes(out_path) if resume and out_path.exists() else []
+    train = load_preferences(data, limit=limit)
+    test = load_preferences(held_out) if held_out else None
+    backend = None
+    if rephraser == "local":
+        from learndyn.models import load_model
+
+        lm, tok = load_model(rephrase_model, device=device, dtype=dtype)
+        backend = make_rephraser("local", model=lm, tokenizer=tok)
+    elif rephraser == "openai":
+        backend = make_rephraser("openai", base_url=base_url, model=api_model, api_key_env=api_key_env)
+    policy_model = tokenizer = None
+    if model:
+        from learndyn.models import load_model
+
+        policy_model, tokenizer = load_model(model, device=device, dtype=dtype)
+    try:
+        probes = build_probes(train, held_out=test, seed=seed, rephraser=backend, model=policy_model,
+                              tokenizer=tokenizer, greedy_max_tokens=greedy_tokens, done=done)
+    except ProbeBuildError as err:
+        write_probes(err.finished, out_path)
+        raise LearndynError(f"{err}; kept {len(err.finished)} of {len(train)} finished rows in {out_path}; "
+                            "rerun with --resume to finish") from None
+    write_probes(probes, out_path)
+    counts = {}
+    for p in probes:
+        for name in p.responses:
+            counts[name] = counts.get(name, 0) + 1
+    out.print(f"wrote {len(probes)} probe rows to {out_path}")
+    out.print("  " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)
+    if test is None:
+        out.print("  other_test skipped: pass --held-out DATA (e.g. --held-out example:test)")
+
+
+@app.command()
+def score(
+    probes: Annotated[Path, typer.Option(help="Probe file (ours, or the paper authors' column names).")],
+    out_path: Annotated[Path, typer.Option("--out", help="Scores to write (long-format Parquet).")],
+    model: ModelOpt = "smollm2-135m-instruct",
+    limit: Annotated[Optional[int], typer.Option(help="Score only the first N prompts.")] = None,
+    types: Annotated[Optional[str], typer.Option(help="Comma-separated response types (default: all present).")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Truncate prompt+response to this many tokens (default: the model's context).")] = None,
+    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass; lower it to save memory.")] = 4096,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Score every (prompt, response type) by teacher forcing and print per-type means."""
+    from learndyn.models import load_model
+    from learndyn.probes.files import read_probes
+    from learndyn.scoring import score_probes, write_scores
+    from learndyn.vocab import check_types
+
+    selected = check_types([t.strip() for t in types.split(",") if t.strip()]) if types else None
+    rows = read_probes(probes, limit=limit)
+    lm, tok = load_model(model, device=device, dtype=dtype)
+    scores = score_probes(lm, tok, rows, types=selected, max_length=max_length, batch_tokens=batch_tokens)
+    write_scores(scores, out_path)
+    print_summary(scores)
+    cut = int(scores["truncated"].sum())
+    out.print(f"wrote {len(scores)} rows to {out_path}" + (f" ({cut} responses truncated)" if cut else ""))
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the demo's files.")] = Path("learndyn-demo"),
+    limit: Annotated[int, typer.Option(help="Number of example prompts to probe.")] = 32,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Build probes from the example data and score them with the built-in model."""
+    from learndyn.data import load_preferences
+    from learndyn.models import load_model
+    from learndyn.probes.build import build_probes
+    from learndyn.probes.files import write_probes
+    from learndyn.scoring import score_probes, write_scores
+
+    lm, tok = load_model(device=device, dtype=dtype)
+    train = load_preferences("example", limit=limit)
+    probes = build_probes(train, held_out=load_preferences("example:test"), model=lm, tokenizer=tok)
+    write_probes(probes, out_dir / "probes.jsonl")
+    scores = score_probes(lm, tok, probes)
+    write_scores(scores, out_dir / "scores.parquet")
+    print_summary(scores)
+    out.print(f"probes: {out_dir / 'probes.jsonl'}   scores: {out_dir / 'scores.parquet'}")
+
+
+def print_summary(scores) -> None:
+    """The per-type means as a table, in vocabulary order."""
+    from rich.table import Table
+
+    from learndyn.scoring import summarize
+
+    table = summarize(scores)
+    view = Table("response_type", "n", "logp_sum", "logp_mean", "n_tokens", "argmax_logp", "argmax_prob",
+                 "entropy", "residual_norm", title="Per-type means")
+    metrics = [str(c.header) for c in view.columns[2:]]
+    for name, row in table.iterrows():
+        view.add_row(str(name), str(int(row["n"])), *(f"{row[m]:.1f}" if m == "n_tokens" else f"{row[m]:.3f}" for m in metrics))
+    out.print(view)
