@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from learndyn.errors import LearndynError
 
@@ -31,7 +32,7 @@ def main() -> None:
     try:
         app()
     except LearndynError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted")
@@ -87,6 +88,8 @@ def probes_build(
         probes = build_probes(train, held_out=test, seed=seed, rephraser=backend, model=policy_model,
                               tokenizer=tokenizer, greedy_max_tokens=greedy_tokens, done=done)
     except ProbeBuildError as err:
+        if not err.finished:
+            raise LearndynError(f"{err}; no row was finished, nothing written") from None
         write_probes(err.finished, out_path)
         raise LearndynError(f"{err}; kept {len(err.finished)} of {len(train)} finished rows in {out_path}; "
                             "rerun with --resume to finish") from None
@@ -114,12 +117,13 @@ def score(
     dtype: DtypeOpt = None,
 ) -> None:
     """Score every (prompt, response type) by teacher forcing and print per-type means."""
-    from learndyn.models import load_model
-    from learndyn.probes.files import read_probes
-    from learndyn.scoring import score_probes, write_scores
     from learndyn.vocab import check_types
 
     selected = check_types([t.strip() for t in types.split(",") if t.strip()]) if types else None
+    from learndyn.models import load_model
+    from learndyn.probes.files import read_probes
+    from learndyn.scoring import score_probes, write_scores
+
     rows = read_probes(probes, limit=limit)
     lm, tok = load_model(model, device=device, dtype=dtype)
     scores = score_probes(lm, tok, rows, types=selected, max_length=max_length, batch_tokens=batch_tokens)
@@ -166,3 +170,7 @@ def print_summary(scores) -> None:
     for name, row in table.iterrows():
         view.add_row(str(name), str(int(row["n"])), *(f"{row[m]:.1f}" if m == "n_tokens" else f"{row[m]:.3f}" for m in metrics))
     out.print(view)
+
+
+if __name__ == "__main__":
+    main()

@@ -71,6 +71,8 @@ def load_preferences(spec: str, *, limit: int | None = None, need_rejected: bool
             raise LearndynError(f"{where}: duplicate example_id '{pref.example_id}'")
         seen.add(pref.example_id)
         prefs.append(pref)
+        if limit is not None and len(prefs) >= limit:
+            break  # stop before reading the next row: rows after the limit may be anything
     if not prefs:
         raise LearndynError(f"{spec}: no examples")
     return prefs
@@ -105,8 +107,8 @@ def _read_rows(source: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         return _jsonl_rows(Path(str(path)))
     path = Path(source)
     if path.suffix.lower() in {".jsonl", ".json", ".parquet", ".csv"} or path.exists():
-        if split != "train" and not path.exists():
-            raise LearndynError(f"{source}: file not found")
+        if split != "train":
+            raise LearndynError(f"{source}: a local file has no splits (':{split}' applies to hub ids and 'example')")
         return read_records(path)
     return _hub_rows(source, split)
 
@@ -180,7 +182,8 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise LearndynError(f"{path}: not UTF-8 text (byte {err.start})") from None
     reader = csv.DictReader(text.splitlines(keepends=True))
     for row in reader:
-        yield f"{path}:{reader.line_num}", {k: _maybe_json(v) for k, v in row.items() if k is not None}
+        # An empty CSV cell means "absent", as a null does in the other formats.
+        yield f"{path}:{reader.line_num}", {k: _maybe_json(v) for k, v in row.items() if k is not None and v != ""}
 
 
 def _maybe_json(value: str | None) -> Any:

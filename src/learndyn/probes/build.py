@@ -64,7 +64,7 @@ def build_probes(
 
 
 def derangement(n: int, rng: random.Random) -> list[int]:
-    """A uniformly random cyclic permutation (Sattolo): no index maps to itself."""
+    """A uniformly random cyclic permutation (Sattolo): for n >= 2 no index maps to itself."""
     perm = list(range(n))
     for i in range(n - 1, 0, -1):
         j = rng.randrange(i)
@@ -147,6 +147,8 @@ def _add_rephrases(probes: list[Probe], todo: list[Probe], rephraser: Rephraser,
                     if not part:
                         continue
                     texts = rephraser([p.responses[name.split("_")[0]] for p, name in part], style)
+                    if len(texts) != len(part):
+                        raise LearndynError(f"the rephraser returned {len(texts)} texts for {len(part)} inputs")
                     for (probe, name), text in zip(part, texts):
                         if text.strip():
                             probe.responses[name] = text

@@ -60,6 +60,8 @@ def read_probes(path: str | Path, *, limit: int | None = None) -> list[Probe]:
         if not responses:
             raise LearndynError(f"{where}: row has no responses to score")
         probes.append(Probe(example_id, parse_prompt(row["prompt"], where), responses))
+        if limit is not None and len(probes) >= limit:
+            break  # stop before reading the next row: rows after the limit may be anything
     if not probes:
         raise LearndynError(f"{path}: empty probe file")
     return probes

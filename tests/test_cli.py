@@ -1,0 +1,242 @@
+"""The `learndyn` command as users run it: a real process, so the `main()` wrapper that turns a
+`LearndynError` into one "error: ..." line and exit code 1 is exercised too (CliRunner on `app`
+would bypass it). `python -m learndyn.cli` runs nothing (cli.py has no `__main__` block), so the
+tests run the installed console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from learndyn.vocab import TYPE_NAMES
+
+
+def _console_script() -> str:
+    beside_python = Path(sys.executable).parent / "learndyn"
+    found = str(beside_python) if beside_python.is_file() else shutil.which("learndyn")
+    if not found:
+        pytest.skip("the learndyn console script is not installed (pip install -e .)")
+    return found
+
+
+LEARNDYN = _console_script()
+EXPECTED_COLUMNS = ["example_id", "prompt", "chosen", "rejected", "chosen_semantic", "chosen_format",
+                    "rejected_semantic", "rejected_format", "other_train", "other_test", "fluent_random",
+                    "shuffled_chosen", "shuffled_other"]
+
+
+def learndyn(*args: str, cwd: Path | None = None, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in {"FORCE_COLOR", "PY_COLORS", "CLICOLOR_FORCE"}}
+    env.update(COLUMNS="80", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # narrow: a long error must not wrap
+    env.update(env_vars)
+    return subprocess.run([LEARNDYN, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def build(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return learndyn("probes", "build", "--data", "example", "--out", str(out), "--held-out", "example:test",
+                    "--limit", "8", *extra)
+
+
+def test_help_is_instant_and_lists_commands():
+    start = time.monotonic()
+    result = learndyn("--help")
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - start < 10
+    for command in ("probes", "score", "demo"):
+        assert command in result.stdout
+
+
+def test_help_does_not_import_torch():
+    script = "import sys; sys.argv = ['learndyn', '--help']\nfrom learndyn.cli import main\ntry:\n    main()\n" \
+             "except SystemExit:\n    pass\nprint('torch' in sys.modules, 'transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_probes_build_writes_one_row_per_example_with_every_cheap_type(tmp_path):
+    out = tmp_path / "probes.jsonl"
+    result = build(out)
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(out)
+    assert len(rows) == 8
+    for row in rows:
+        assert list(row) == [c for c in EXPECTED_COLUMNS if c in row]  # vocabulary order
+        assert set(row) == set(EXPECTED_COLUMNS)  # no model: no greedy; no base model: no base_sample
+    assert "wrote 8 probe rows" in result.stdout
+
+
+def test_probes_build_refuses_to_overwrite_without_a_flag(tmp_path):
+    out = tmp_path / "probes.jsonl"
+    assert build(out).returncode == 0
+    before = out.read_bytes()
+    assert_one_error_line(build(out), str(out), "--overwrite")
+    assert out.read_bytes() == before  # the refused run left the file alone
+    assert build(out, "--overwrite").returncode == 0
+    assert out.read_bytes() == before  # same data and seed: same rows
+
+
+def test_probes_build_resume_finishes_a_partial_file_to_the_clean_rows(tmp_path):
+    clean = tmp_path / "clean.jsonl"
+    assert build(clean).returncode == 0
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(clean.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
+    result = build(partial, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert read_rows(partial) == read_rows(clean)
+
+
+def test_malformed_data_file_is_one_error_line_naming_file_and_line(tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": \n', encoding="utf-8")
+    out = tmp_path / "probes.jsonl"
+    result = learndyn("probes", "build", "--data", str(data), "--out", str(out))
+    assert_one_error_line(result, f"{data}:2", "malformed JSON")
+    assert not out.exists()
+
+
+def test_missing_data_file_is_one_error_line(tmp_path):
+    data = tmp_path / "nope.jsonl"
+    assert_one_error_line(learndyn("probes", "build", "--data", str(data), "--out", str(tmp_path / "o.jsonl")),
+                          str(data), "not found")
+
+
+def test_score_unknown_type_lists_valid_names(tmp_path):
+    result = learndyn("score", "--probes", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "s.parquet"),
+                      "--types", "chosen,chosen_rephrased")
+    assert_one_error_line(result, "chosen_rephrased", ", ".join(TYPE_NAMES))
+
+
+def test_unknown_rephraser_lists_valid_backends(tmp_path):
+    out = tmp_path / "probes.jsonl"
+    result = learndyn("probes", "build", "--data", "example", "--out", str(out), "--rephraser", "bogus")
+    assert_one_error_line(result, "bogus", "none, local, openai")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bracketed", ["data[v2].jsonl", "data[/v2]"], ids=["style-tag", "closing-tag"])
+def test_error_line_shows_user_text_with_brackets_verbatim(tmp_path, bracketed):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    data = folder / (bracketed if bracketed.endswith(".jsonl") else "d.jsonl")
+    data.write_text('{"prompt": "p", "chosen": "c"}\n', encoding="utf-8")
+    if bracketed.endswith(".jsonl"):
+        result = learndyn("probes", "build", "--data", str(data), "--out", str(tmp_path / "o.jsonl"))
+        assert_one_error_line(result, f"{data}:1", "missing field 'rejected'")
+    else:
+        result = learndyn("score", "--probes", str(data), "--out", str(tmp_path / "s.parquet"), "--types", bracketed)
+        assert_one_error_line(result, f"'{bracketed}'")
+
+
+# ---------------------------------------------------------------- an interrupted rephrase, resumed
+
+
+class FakeEndpoint:
+    """A local OpenAI-compatible endpoint: rewrites any text as "R: text", or answers HTTP 400
+    (not retried, so a failure is instant) while `fail` is set."""
+
+    def __init__(self):
+        self.fail = False
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                if endpoint.fail:
+                    status, reply = 400, {"error": {"message": "quota exceeded"}}
+                else:
+                    text = body["messages"][-1]["content"].split("\n\nText: ", 1)[1]
+                    status, reply = 200, {"choices": [{"message": {"role": "assistant", "content": f"R: {text}"}}]}
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def endpoint():
+    server = FakeEndpoint()
+    yield server
+    server.close()
+
+
+def _rephrase_data(path: Path, given: set[int]) -> Path:
+    rows = []
+    for i in range(4):
+        row = {"example_id": f"q{i}", "prompt": f"Question {i}?", "chosen": f"Answer {i} is good. It helps.",
+               "rejected": f"Answer {i} is bad."}
+        if i in given:
+            row.update({name: f"{name} {i}" for name in ("chosen_semantic", "chosen_format",
+                                                         "rejected_semantic", "rejected_format")})
+        rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _build_openai(data: Path, out: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
+    return learndyn("probes", "build", "--data", str(data), "--out", str(out), "--rephraser", "openai",
+                    "--base-url", url, "--api-model", "fake", *extra, OPENAI_API_KEY="sk-test")
+
+
+def test_rephraser_failure_keeps_finished_rows_and_resume_matches_a_clean_build(tmp_path, endpoint):
+    data = _rephrase_data(tmp_path / "d.jsonl", given={0, 1})  # rows 0, 1 need no rephraser
+    clean = tmp_path / "clean.jsonl"
+    assert _build_openai(data, clean, endpoint.url).returncode == 0
+    out = tmp_path / "out.jsonl"
+    endpoint.fail = True
+    line = assert_one_error_line(_build_openai(data, out, endpoint.url), "HTTP 400", "kept 2 of 4", "--resume")
+    assert "sk-test" not in line
+    assert [r["example_id"] for r in read_rows(out)] == ["q0", "q1"]
+    endpoint.fail = False
+    result = _build_openai(data, out, endpoint.url, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert read_rows(out) == read_rows(clean)
+    assert read_rows(out)[2]["chosen_semantic"] == "R: Answer 2 is good. It helps."
+
+
+def test_resume_works_after_a_failure_before_any_row_finished(tmp_path, endpoint):
+    data = _rephrase_data(tmp_path / "d.jsonl", given=set())
+    out = tmp_path / "out.jsonl"
+    endpoint.fail = True
+    assert_one_error_line(_build_openai(data, out, endpoint.url), "quota exceeded", "nothing written")
+    assert not out.exists()
+    endpoint.fail = False
+    result = _build_openai(data, out, endpoint.url, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert len(read_rows(out)) == 4

@@ -1,0 +1,188 @@
+"""The fast scorer must equal the plain per-sequence computation, whatever the batching."""
+
+from __future__ import annotations
+
+import random
+
+import pandas as pd
+import pytest
+import torch
+
+from learndyn.errors import LearndynError
+from learndyn.probes.files import Probe
+from learndyn.scoring import (
+    METRICS,
+    EncodedPrompt,
+    _pack,
+    _token_stats,
+    encode_probes,
+    score_encoded,
+    score_plain,
+    score_probes,
+    summarize,
+    write_scores,
+)
+
+FLOAT_METRICS = [m for m in METRICS if m != "n_tokens"]
+
+
+def random_encoded(vocab: int, n_prompts: int, seed: int = 0) -> list[EncodedPrompt]:
+    """Prompts of 1..12 tokens with 1..3 responses of 1..9 tokens (1 = EOS only)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n_prompts):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 12))]
+        types = ["chosen", "rejected", "greedy"][: rng.randint(1, 3)]
+        responses = [(t, [rng.randrange(vocab) for _ in range(rng.randint(1, 9))], False) for t in types]
+        out.append(EncodedPrompt(str(i), prompt, responses))
+    return out
+
+
+def assert_same_scores(fast: pd.DataFrame, plain: pd.DataFrame, rtol: float = 1e-4) -> None:
+    assert list(fast["example_id"]) == list(plain["example_id"])
+    assert list(fast["response_type"]) == list(plain["response_type"])
+    assert (fast["n_tokens"] == plain["n_tokens"]).all()
+    for metric in FLOAT_METRICS:
+        rel = ((fast[metric] - plain[metric]).abs() / plain[metric].abs().clip(lower=1e-6)).max()
+        assert rel < rtol, f"{metric}: relative difference {rel:.2e}"
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_gpt2"])
+def tiny_model(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.parametrize("batch_tokens", [1, 24, 4096])
+def test_scores_equal_plain_loop(tiny_model, batch_tokens):
+    model, tokenizer = tiny_model
+    encoded = random_encoded(len(tokenizer), 14)
+    fast = score_encoded(model, encoded, batch_tokens=batch_tokens, progress=None)
+    assert_same_scores(fast, score_plain(model, encoded))
+
+
+def test_scores_equal_plain_loop_on_peaked_distributions(tiny_llama):
+    """Near-one-hot predictions stress the precision of entropy and ||pi - e_y||."""
+    model, tokenizer = tiny_llama
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200)
+    encoded = random_encoded(len(tokenizer), 10, seed=3)
+    fast = score_encoded(model, encoded, batch_tokens=32, progress=None)
+    plain = score_plain(model, encoded)
+    assert fast["argmax_prob"].max() > 0.99  # the test really is in the peaked regime
+    assert_same_scores(fast, plain)
+
+
+def test_batch_size_invariance(tiny_llama):
+    model, tokenizer = tiny_llama
+    encoded = random_encoded(len(tokenizer), 12, seed=1)
+    small = score_encoded(model, encoded, batch_tokens=8, progress=None)
+    large = score_encoded(model, encoded, batch_tokens=10_000, progress=None)
+    assert_same_scores(small, large, rtol=1e-5)
+
+
+def test_token_stats_match_float64_definitions():
+    torch.manual_seed(0)
+    logits = torch.randn(300, 5000) * 4
+    logits[:100, 7] += 12  # peaked rows, some with the target on the peak
+    targets = torch.randint(0, 5000, (300,))
+    targets[:50] = 7
+    stats = _token_stats(logits, targets)
+    logp = torch.log_softmax(logits.double(), -1)
+    p = logp.exp()
+    expected = {
+        "logp": logp[torch.arange(300), targets],
+        "argmax_logp": logp.max(-1).values,
+        "entropy": -(p * logp).sum(-1),
+        "residual_norm": (p - torch.nn.functional.one_hot(targets, 5000).double()).norm(dim=-1),
+    }
+    for name, value in expected.items():
+        torch.testing.assert_close(stats[name].double(), value, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_one_row_per_probe_and_type_in_probe_order(tiny_llama):
+    model, tokenizer = tiny_llama
+    probes = [
+        Probe("a", "Question one?", {"chosen": "Yes.", "rejected": "No.", "greedy": "Maybe"}),
+        Probe("b", [{"role": "user", "content": "Hello"}], {"chosen": "Hi there", "other_train": "Bye"}),
+    ]
+    scores = score_probes(model, tokenizer, probes, progress=None)
+    assert list(zip(scores["example_id"], scores["response_type"])) == [
+        ("a", "chosen"), ("a", "rejected"), ("a", "greedy"), ("b", "chosen"), ("b", "other_train")]
+    assert list(scores.columns) == ["example_id", "response_type", *METRICS, "truncated"]
+    only = score_probes(model, tokenizer, probes, types=["rejected"], progress=None)
+    assert list(only["example_id"]) == ["a"]
+
+
+def test_eos_is_appended_and_prompt_masked(tiny_llama):
+    model, tokenizer = tiny_llama
+    probe = Probe("a", "Some prompt text", {"chosen": "an answer"})
+    [enc] = encode_probes([probe], tokenizer)
+    response_ids = tokenizer("an answer", add_special_tokens=False)["input_ids"]
+    assert enc.responses[0][1] == response_ids + [tokenizer.eos_token_id]
+    assert enc.prompt_ids == tokenizer("Some prompt text")["input_ids"]
+    scores = score_probes(model, tokenizer, [probe], progress=None)
+    assert scores["n_tokens"].item() == len(response_ids) + 1
+
+
+def test_chat_prompts_use_the_template_without_extra_special_tokens(tiny_llama):
+    model, tokenizer = tiny_llama
+    messages = [{"role": "user", "content": "Hello"}]
+    [enc] = encode_probes([Probe("a", messages, {"chosen": "Hi"})], tokenizer)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert enc.prompt_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def test_truncation_keeps_recent_prompt_and_response_start(tiny_llama):
+    model, tokenizer = tiny_llama
+    prompt = " ".join(f"word{i}" for i in range(60))
+    long_response = " ".join(f"reply{i}" for i in range(60))
+    probe = Probe("a", prompt, {"chosen": long_response, "rejected": "short"})
+    [full] = encode_probes([probe], tokenizer)
+    limit = 64
+    [cut] = encode_probes([probe], tokenizer, max_length=limit)
+    assert cut.prompt_ids == full.prompt_ids[-len(cut.prompt_ids):]  # the most recent prompt tokens
+    assert len(cut.prompt_ids) >= limit // 2
+    (_, chosen, chosen_cut), (_, rejected, rejected_cut) = cut.responses
+    assert chosen_cut and not rejected_cut
+    assert chosen == full.responses[0][1][: len(chosen)]  # the response keeps its first tokens
+    assert len(cut.prompt_ids) + len(chosen) == limit
+    scores = score_encoded(model, [cut], progress=None)
+    assert list(scores["truncated"]) == [True, False]
+    assert_same_scores(scores, score_plain(model, [cut]))
+
+
+def test_short_prompt_is_not_cut_below_what_fits(tiny_llama):
+    _, tokenizer = tiny_llama
+    probe = Probe("a", "Short prompt", {"chosen": " ".join(["word"] * 80)})
+    [full] = encode_probes([probe], tokenizer)
+    [cut] = encode_probes([probe], tokenizer, max_length=40)
+    assert cut.prompt_ids == full.prompt_ids
+
+
+def test_empty_prompt_after_tokenization_is_an_error(tiny_llama):
+    _, tokenizer = tiny_llama
+    with pytest.raises(LearndynError, match="probe 'x'"):
+        encode_probes([Probe("x", "", {"chosen": "hi"})], tokenizer)
+
+
+def test_pack_respects_budget_and_waste():
+    lengths = [1, 2, 2, 3, 10, 10, 11, 40]
+    runs = _pack(lengths, budget=30, max_waste=0.1)
+    assert runs[0][0] == 0 and runs[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))  # contiguous cover
+    for start, stop in runs:
+        padded = (stop - start) * lengths[stop - 1]
+        assert stop - start == 1 or padded <= 30
+        assert stop - start == 1 or sum(lengths[start:stop]) >= 0.9 * padded
+
+
+def test_summary_is_in_vocabulary_order_with_counts(tiny_llama, tmp_path):
+    model, tokenizer = tiny_llama
+    probes = [Probe(str(i), f"prompt {i}", {"shuffled_chosen": "b a", "chosen": "a b"}) for i in range(3)]
+    scores = score_probes(model, tokenizer, probes, progress=None)
+    table = summarize(scores)
+    assert list(table.index) == ["chosen", "shuffled_chosen"]
+    assert list(table["n"]) == [3, 3]
+    write_scores(scores, tmp_path / "s.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "s.parquet"), scores)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.parquet"]  # no temporary left behind
