@@ -186,3 +186,25 @@ def test_summary_is_in_vocabulary_order_with_counts(tiny_llama, tmp_path):
     write_scores(scores, tmp_path / "s.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "s.parquet"), scores)
     assert [p.name for p in tmp_path.iterdir()] == ["s.parquet"]  # no temporary left behind
+
+
+def test_plain_head_models_use_the_fused_head(tiny_llama, tiny_gpt2):
+    from learndyn.scoring import _split
+
+    assert _split(tiny_llama[0]).fused and _split(tiny_gpt2[0]).fused
+
+
+def test_models_that_post_process_logits_keep_their_own_forward(tiny_tokenizer, one_thread):
+    """Gemma-2 soft-caps its logits: the fused head would be wrong, so the scorer must notice."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from learndyn.scoring import _split
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5,
+                          pad_token_id=0)
+    model = Gemma2ForCausalLM(config).eval()
+    assert not _split(model).fused
+    encoded = random_encoded(len(tiny_tokenizer), 8, seed=2)
+    assert_same_scores(score_encoded(model, encoded, batch_tokens=16, progress=None), score_plain(model, encoded))

@@ -5,7 +5,8 @@ gives exact results:
   1. each prompt runs through the model once; its KV cache is reused by all of its responses;
   2. prompts and responses are batched by length so that little compute goes to padding;
   3. the LM head (21% of the FLOPs of the built-in model) runs only where a response token is
-     predicted: at the last prompt position and along each response.
+     predicted (the last prompt position and along each response), a block of rows at a time
+     fused with the statistics, so the (tokens, vocabulary) logits never exist all at once.
 `score_plain` is the obvious one-sequence-at-a-time computation; tests and `bench/` check that
 both agree (relative 1e-4 in fp32).
 
@@ -21,7 +22,8 @@ position l and y_l the response token there:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,7 @@ METRICS: dict[str, str] = {
 }
 _SUMMED = ("logp_sum", "argmax_logp")
 _AVERAGED = ("argmax_prob", "entropy", "residual_norm")
-_STATS_CHUNK = 1024  # rows of (V,) logits turned into statistics at once: bounds memory at V=49k
+_STATS_CHUNK = 128  # CPU: rows of (V,) logits made and reduced at once; 25 MB at V=49k stays in cache
 
 
 @dataclass
@@ -103,13 +105,14 @@ def score_probes(
     *,
     types: Sequence[str] | None = None,
     max_length: int | None = None,
-    batch_tokens: int = 4096,
+    batch_tokens: int | None = None,
     progress: str | None = "Scoring",
 ) -> Any:
     """Score every (probe, response type): a long-format DataFrame, one row per pair.
 
     `max_length` defaults to the model's context length. `batch_tokens` bounds the padded tokens of
-    one forward pass (memory grows with it times the vocabulary size).
+    one forward pass; it defaults to 512 on CPU (larger batches only thrash the cache there) and
+    16384 on GPU. Memory for logits stays bounded whatever it is (see `_token_stats`).
     """
     if max_length is None:
         max_length = context_length(model)
@@ -127,18 +130,23 @@ def context_length(model: Any) -> int | None:
 
 @torch.inference_mode()
 def score_encoded(
-    model: Any, encoded: Sequence[EncodedPrompt], *, batch_tokens: int = 4096, progress: str | None = "Scoring"
+    model: Any, encoded: Sequence[EncodedPrompt], *, batch_tokens: int | None = None, progress: str | None = "Scoring"
 ) -> Any:
     """Score pre-tokenized probes (see `encode_probes`); rows keep the order of `encoded`."""
     import pandas as pd
     from rich.progress import Progress
+
+    on_gpu = model.device.type != "cpu"
+    batch_tokens = batch_tokens or (16384 if on_gpu else 512)
+    if batch_tokens < 1:
+        raise LearndynError(f"batch_tokens must be positive, got {batch_tokens}")
 
     results: dict[tuple[int, int], dict[str, float]] = {}
     total = sum(len(e.responses) for e in encoded)
     with Progress(transient=True, disable=progress is None) as bar:
         task = bar.add_task(progress or "", total=total)
         for batch in _prompt_batches(encoded, batch_tokens):
-            for key, stats in _score_batch(model, [encoded[i] for i in batch], batch, batch_tokens):
+            for key, stats in _score_batch(model, [encoded[i] for i in batch], batch, batch_tokens, on_gpu):
                 results[key] = stats
                 bar.advance(task)
     rows = []
@@ -172,76 +180,120 @@ def _prompt_batches(encoded: Sequence[EncodedPrompt], batch_tokens: int) -> list
     return [order[start:stop] for start, stop in runs]
 
 
-def _score_batch(model: Any, prompts: list[EncodedPrompt], index: list[int], batch_tokens: int):
+class _Split:
+    """The model as `body` (tokens -> states, with the KV cache) and `head` (states -> logits).
+
+    When a model's logits are exactly its output embedding applied to the base model's hidden
+    states (checked once on a few tokens), the body stops at the hidden states and the head runs
+    chunk by chunk inside the statistics, so the (tokens, V) logits never exist all at once. Models
+    that post-process logits (soft-capping, scaling) keep their own forward and an identity head.
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.embedding = model.get_output_embeddings()
+        self.fused = self.embedding is not None and self._head_is_plain()
+
+    def body(self, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        if self.fused:
+            out = self.model.base_model(**kwargs)
+            return out.last_hidden_state, out.past_key_values
+        out = self.model(**kwargs)
+        return out.logits, out.past_key_values
+
+    def head(self, states: torch.Tensor) -> torch.Tensor:
+        return self.embedding(states) if self.fused else states
+
+    def _head_is_plain(self) -> bool:
+        ids = torch.tensor([[0, 1, 2, 3]], device=self.model.device)
+        try:
+            logits = self.model(input_ids=ids).logits
+            hidden = self.model.base_model(input_ids=ids).last_hidden_state
+        except Exception:  # an unusual architecture: keep its own forward
+            return False
+        fused = self.embedding(hidden)
+        return fused.shape == logits.shape and torch.allclose(fused.float(), logits.float(), rtol=1e-3, atol=1e-4)
+
+
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _split(model: Any) -> _Split:
+    if model not in _SPLITS:
+        _SPLITS[model] = _Split(model)
+    return _SPLITS[model]
+
+
+def _score_batch(model: Any, prompts: list[EncodedPrompt], index: list[int], batch_tokens: int, on_gpu: bool):
     """Run the prompts once, then their responses in length-sorted chunks on the shared cache."""
+    split = _split(model)
     device = model.device
-    pad = 0
     lengths = torch.tensor([len(p.prompt_ids) for p in prompts], device=device)  # (B,)
     width = int(lengths.max())
-    ids = torch.full((len(prompts), width), pad, device=device)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)  # right padding
     for b, p in enumerate(prompts):
         ids[b, : len(p.prompt_ids)] = torch.tensor(p.prompt_ids, device=device)
-    mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()  # (B, P) right padding
+    mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()  # (B, P)
     positions = torch.arange(width, device=device).expand(len(prompts), -1)
-    last = lengths - 1
-    keep, where = torch.unique(last, return_inverse=True)  # LM head only at each prompt's last position
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep)
-    first_logits = out.logits[torch.arange(len(prompts), device=device), where]  # (B, V): predicts response token 1
-    cache = out.past_key_values
+    states, cache = split.body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    last = states[torch.arange(len(prompts), device=device), lengths - 1]  # (B, D): predicts response token 1
 
     jobs = sorted(((b, j) for b, p in enumerate(prompts) for j in range(len(p.responses))),
                   key=lambda bj: len(prompts[bj[0]].responses[bj[1]][1]))
     for start, stop in _pack([len(prompts[b].responses[j][1]) for b, j in jobs], batch_tokens):
         chunk = jobs[start:stop]
-        stats = _score_responses(model, cache, first_logits, mask, lengths,
-                                 [(b, prompts[b].responses[j][1]) for b, j in chunk])
+        stats = _score_responses(split, cache, last, mask, lengths, [(b, prompts[b].responses[j][1]) for b, j in chunk],
+                                 chunk_rows=2048 if on_gpu else _STATS_CHUNK)
         for (b, j), row in zip(chunk, stats):
             yield (index[b], j), row
 
 
-def _score_responses(model, cache, first_logits, prompt_mask, prompt_lengths, rows):
+def _score_responses(split: _Split, cache, last, prompt_mask, prompt_lengths, rows, chunk_rows: int):
     """Teacher-force `rows` = [(prompt row b, response ids)] on top of the prompts' cache."""
     from transformers import DynamicCache
 
-    device = first_logits.device
+    device = last.device
     rows_b = torch.tensor([b for b, _ in rows], device=device)  # (S,)
     n = torch.tensor([len(ids) for _, ids in rows], device=device)  # (S,) tokens to predict
     targets = torch.zeros(len(rows), int(n.max()), dtype=torch.long, device=device)  # (S, R)
     for s, (_, ids) in enumerate(rows):
         targets[s, : len(ids)] = torch.tensor(ids, device=device)
-    first = _token_stats(first_logits[rows_b], targets[:, 0])  # the first token comes from the prompt pass
-    if targets.shape[1] == 1:
-        return _per_response(first, torch.arange(len(rows), device=device), n)
-    inputs = targets[:, :-1]  # (S, R-1): the last token is predicted, never fed
-    width = inputs.shape[1]
-    resp_mask = (torch.arange(width, device=device)[None, :] < (n - 1)[:, None]).long()  # (S, R-1)
-    sub_cache = DynamicCache([(layer.keys[rows_b], layer.values[rows_b]) for layer in cache.layers], config=model.config)
-    out = model(
-        input_ids=inputs,
-        attention_mask=torch.cat([prompt_mask[rows_b], resp_mask], dim=1),
-        position_ids=prompt_lengths[rows_b][:, None] + torch.arange(width, device=device)[None, :],
-        past_key_values=sub_cache,
-        use_cache=True,
-    )
-    # Statistics on every position, padding included: cheaper than copying the real ones out.
-    rest = _token_stats(out.logits.flatten(0, 1), targets[:, 1:].flatten())  # each (S*(R-1),)
-    valid = resp_mask.flatten().bool()
-    token = {k: torch.cat([first[k], rest[k][valid]]) for k in first}
-    segment = torch.cat([torch.arange(len(rows), device=device),
-                         torch.arange(len(rows), device=device).repeat_interleave(width)[valid]])
-    return _per_response(token, segment, n)
+    states, segment, flat_targets = last[rows_b], torch.arange(len(rows), device=device), targets[:, 0]
+    if targets.shape[1] > 1:
+        inputs = targets[:, :-1]  # (S, R-1): the last token is predicted, never fed
+        width = inputs.shape[1]
+        resp_mask = torch.arange(width, device=device)[None, :] < (n - 1)[:, None]  # (S, R-1)
+        sub_cache = DynamicCache([(layer.keys[rows_b], layer.values[rows_b]) for layer in cache.layers],
+                                 config=split.model.config)
+        rest, _ = split.body(
+            input_ids=inputs,
+            attention_mask=torch.cat([prompt_mask[rows_b], resp_mask.long()], dim=1),
+            position_ids=prompt_lengths[rows_b][:, None] + torch.arange(width, device=device)[None, :],
+            past_key_values=sub_cache,
+            use_cache=True,
+        )  # (S, R-1, D)
+        states = torch.cat([states, rest[resp_mask]])  # (N, D): first tokens, then the rest, real positions only
+        segment = torch.cat([segment, segment[:, None].expand(-1, width)[resp_mask]])
+        flat_targets = torch.cat([flat_targets, targets[:, 1:][resp_mask]])
+    return _per_response(_token_stats(states, flat_targets, split.head, chunk_rows), segment, n)
 
 
-def _token_stats(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-position statistics from logits (N, V), in fp32, a chunk of rows at a time.
+def _token_stats(
+    states: torch.Tensor,
+    targets: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor] = lambda z: z,
+    chunk_rows: int = 128,
+) -> dict[str, torch.Tensor]:
+    """Per-position statistics from states (N, D) through `head` to logits (N, V), in fp32, a chunk
+    of rows at a time so that the block stays in cache and memory stays bounded.
 
     Few passes over each (chunk, V) block: shift by the max and exponentiate once. The argmax term (exactly 1 after the shift) is kept out of the sums
     so that near-one-hot positions keep their relative precision (entropy ~ 1e-6 stays accurate).
     """
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logp", "argmax_logp", "entropy", "residual_norm")}
-    for start in range(0, logits.shape[0], _STATS_CHUNK):
-        z = logits[start:start + _STATS_CHUNK].float()  # (C, V)
-        y = targets[start:start + _STATS_CHUNK, None]  # (C, 1)
+    for start in range(0, states.shape[0], chunk_rows):
+        z = head(states[start:start + chunk_rows]).float()  # (C, V)
+        y = targets[start:start + chunk_rows, None]  # (C, 1)
         top, arg = z.max(dim=-1, keepdim=True)  # (C, 1)
         shifted = z - top  # (C, V), <= 0
         e = shifted.exp().scatter_(1, arg, 0.0)  # (C, V): unnormalised pi without its max term
@@ -284,10 +336,11 @@ def _per_response(token: dict[str, torch.Tensor], segment: torch.Tensor, n: torc
 
 
 @torch.inference_mode()
-def score_plain(model: Any, encoded: Sequence[EncodedPrompt]) -> Any:
+def score_plain(model: Any, encoded: Sequence[EncodedPrompt], dtype: torch.dtype = torch.float64) -> Any:
     """The reference: one full prompt+response forward per response, log-softmax over the whole vocabulary.
 
-    The statistics are taken in float64 so that the reference is not the less precise side.
+    Statistics are taken in float64 by default so that the reference is not the less precise side;
+    `bench/` times it with float32, as a plain implementation would run.
     """
     import pandas as pd
 
@@ -295,12 +348,12 @@ def score_plain(model: Any, encoded: Sequence[EncodedPrompt]) -> Any:
     for enc in encoded:
         for name, ids, truncated in enc.responses:
             seq = torch.tensor([enc.prompt_ids + ids], device=model.device)
-            logp = torch.log_softmax(model(input_ids=seq).logits[0].double(), dim=-1)  # (T, V), float64
+            logp = torch.log_softmax(model(input_ids=seq).logits[0].to(dtype), dim=-1)  # (T, V)
             pos = logp[len(enc.prompt_ids) - 1 : -1]  # (R, V): positions that predict the response
             p = pos.exp()
             y = torch.tensor(ids, device=model.device)
             logp_y = pos[torch.arange(len(ids)), y]
-            onehot = torch.nn.functional.one_hot(y, pos.shape[-1]).double()
+            onehot = torch.nn.functional.one_hot(y, pos.shape[-1]).to(dtype)
             rows.append({
                 "example_id": enc.example_id, "response_type": name,
                 "logp_sum": logp_y.sum().item(), "logp_mean": logp_y.mean().item(), "n_tokens": len(ids),
