@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probes", type=Path, default=HH)
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--batch-tokens", default="256,512,1024", help="comma-separated sizes to compare")
+    parser.add_argument("--batch-tokens", default="256,1024", help="comma-separated sizes to compare")
     parser.add_argument("--skip-plain", action="store_true", help="time only our scorer")
     args = parser.parse_args()
     if not args.probes.is_file():

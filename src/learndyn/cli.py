@@ -112,7 +112,7 @@ def score(
     limit: Annotated[Optional[int], typer.Option(help="Score only the first N prompts.")] = None,
     types: Annotated[Optional[str], typer.Option(help="Comma-separated response types (default: all present).")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Truncate prompt+response to this many tokens (default: the model's context).")] = None,
-    batch_tokens: Annotated[Optional[int], typer.Option(help="Padded tokens per forward pass (default: 512 on CPU, 16384 on GPU).")] = None,
+    batch_tokens: Annotated[Optional[int], typer.Option(help="Padded tokens per forward pass (default: 1024 on CPU, 16384 on GPU).")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
