@@ -240,3 +240,21 @@ def test_resume_works_after_a_failure_before_any_row_finished(tmp_path, endpoint
     result = _build_openai(data, out, endpoint.url, "--resume")
     assert result.returncode == 0, result.stderr
     assert len(read_rows(out)) == 4
+
+
+def test_score_writes_parquet_and_prints_per_type_means(tmp_path, tiny_llama):
+    import pandas as pd
+
+    model, tokenizer = tiny_llama
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    probes = tmp_path / "probes.jsonl"
+    assert learndyn("probes", "build", "--data", "example", "--out", str(probes), "--limit", "3").returncode == 0
+    out = tmp_path / "scores.parquet"
+    result = learndyn("score", "--probes", str(probes), "--out", str(out), "--model", str(tmp_path / "model"),
+                      "--types", "chosen,random_permute", "--max-length", "24")
+    assert result.returncode == 0, result.stderr
+    scores = pd.read_parquet(out)
+    assert sorted(set(scores["response_type"])) == ["chosen", "shuffled_chosen"]  # the authors' alias works
+    assert len(scores) == 6 and scores["truncated"].all()  # every example prompt+answer exceeds 24 tokens
+    assert "Per-type means" in result.stdout and "6 responses truncated" in result.stdout

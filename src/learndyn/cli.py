@@ -153,6 +153,8 @@ def demo(
     write_probes(probes, out_dir / "probes.jsonl")
     scores = score_probes(lm, tok, probes)
     write_scores(scores, out_dir / "scores.parquet")
+    out.print(f"learndyn demo: {len(probes)} example prompts x {scores['response_type'].nunique()} response types, "
+              "scored by the built-in smollm2-135m-instruct (teacher forcing, prompt masked, EOS appended)")
     print_summary(scores)
     out.print(f"probes: {out_dir / 'probes.jsonl'}   scores: {out_dir / 'scores.parquet'}")
 
