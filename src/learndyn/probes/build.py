@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from rich.progress import Progress
@@ -18,9 +18,8 @@ from rich.progress import Progress
 from learndyn.data import Preference
 from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe
+from learndyn.probes.rephrase import Rephraser
 from learndyn.vocab import REPHRASE_TYPES
-
-Rephraser = Callable[[list[str], str], list[str]]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _BORROWED = ("other_train", "fluent_random", "shuffled_other")  # types lent by another training example
