@@ -19,6 +19,8 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add
                   help="Measure and explain the learning dynamics of LLM finetuning.")
 probes_app = typer.Typer(no_args_is_help=True, help="Build probe sets.")
 app.add_typer(probes_app, name="probes")
+train_app = typer.Typer(no_args_is_help=True, help="Finetune with probes tracked (SFT, extended SFT, DPO).")
+app.add_typer(train_app, name="train")
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 130)  # full tables when piped to a file
 
@@ -131,6 +133,103 @@ def score(
     print_summary(scores)
     cut = int(scores["truncated"].sum())
     out.print(f"wrote {len(scores)} rows to {out_path}" + (f" ({cut} responses truncated)" if cut else ""))
+
+
+def _train(phase: str, config: Optional[Path], flags: dict, resume: bool, overwrite: bool) -> None:
+    """Settings from --config YAML, then the flags given on the command line, then defaults."""
+    import yaml
+
+    from learndyn.training.recipes import TrainSettings, train
+
+    values: dict = {}
+    if config is not None:
+        if not config.is_file():
+            raise LearndynError(f"--config {config}: file not found")
+        try:
+            values = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise LearndynError(f"--config {config}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise LearndynError(f"--config {config}: expected a mapping of settings")
+    values.update({k: v for k, v in flags.items() if v is not None})
+    values["phase"] = phase
+    settings = TrainSettings.from_dict(values)
+    run = train(settings, resume=resume, overwrite=overwrite)
+    out.print(f"{phase} run finished: {run} (metrics in {run / 'metrics'}; `learndyn report {run}` draws them)")
+
+
+DataOpt = Annotated[Optional[str], typer.Option(help="Training preference data (see `probes build --data`).")]
+ProbesOpt = Annotated[Optional[str], typer.Option(help="Probe file to track.")]
+RunOpt = Annotated[Optional[str], typer.Option("--out", help="Run folder.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(help="YAML file of settings; flags override it.")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default: 2e-5 SFT, 5e-6 DPO).")]
+EpochsOpt = Annotated[Optional[float], typer.Option(help="Passes over the data (default 2).")]
+BatchOpt = Annotated[Optional[int], typer.Option(help="Examples per optimizer step (default 8).")]
+EveryOpt = Annotated[Optional[int], typer.Option(help="Score probes every N optimizer steps (default 2).")]
+LimitOpt = Annotated[Optional[int], typer.Option(help="Train on the first N examples only.")]
+ProbeLimitOpt = Annotated[Optional[int], typer.Option(help="Track the first N probe prompts only.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Seed (default 0).")]
+MaxLenOpt = Annotated[Optional[int], typer.Option(help="Tokens per sequence (default 512).")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue a run folder that holds metrics (same settings).")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace a run folder's metrics and checkpoints.")]
+
+
+@train_app.command("sft")
+def train_sft(
+    data: DataOpt = None, probes: ProbesOpt = None, out_dir: RunOpt = None, config: ConfigOpt = None,
+    model: Annotated[Optional[str], typer.Option(help="Starting model (default: the built-in one).")] = None,
+    extend: Annotated[Optional[bool], typer.Option("--extend/--no-extend", help="Also train on rejected responses (the paper's dataset extension).")] = None,
+    lr: LrOpt = None, epochs: EpochsOpt = None, batch_size: BatchOpt = None, every: EveryOpt = None,
+    limit: LimitOpt = None, probe_limit: ProbeLimitOpt = None, seed: SeedOpt = None, max_length: MaxLenOpt = None,
+    device: DeviceOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+) -> None:
+    """Supervised finetuning on chosen responses (with --extend: on chosen and rejected)."""
+    _train("sft", config, dict(data=data, probes=probes, out=out_dir, model=model, extend=extend, learning_rate=lr,
+                               epochs=epochs, batch_size=batch_size, every=every, limit=limit, probe_limit=probe_limit,
+                               seed=seed, max_length=max_length, device=device), resume, overwrite)
+
+
+@train_app.command("dpo")
+def train_dpo(
+    data: DataOpt = None, probes: ProbesOpt = None, out_dir: RunOpt = None, config: ConfigOpt = None,
+    model: Annotated[Optional[str], typer.Option(help="Starting model, unless --from is given.")] = None,
+    from_run: Annotated[Optional[str], typer.Option("--from", help="Start from this run's final checkpoint.")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="sigmoid (DPO), ipo, hinge (SLiC), ... (TRL loss types).")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="DPO beta (default 0.1).")] = None,
+    lr: LrOpt = None, epochs: EpochsOpt = None, batch_size: BatchOpt = None, every: EveryOpt = None,
+    limit: LimitOpt = None, probe_limit: ProbeLimitOpt = None, seed: SeedOpt = None, max_length: MaxLenOpt = None,
+    device: DeviceOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+) -> None:
+    """Direct preference optimisation (and its variants), the reference model being the starting model."""
+    _train("dpo", config, dict(data=data, probes=probes, out=out_dir, model=model, from_run=from_run, loss=loss,
+                               beta=beta, learning_rate=lr, epochs=epochs, batch_size=batch_size, every=every,
+                               limit=limit, probe_limit=probe_limit, seed=seed, max_length=max_length, device=device),
+           resume, overwrite)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders: an SFT run and the DPO run made --from it, or two such arms.")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for figures/, report.html and signatures.json (default: the last run).")] = None,
+) -> None:
+    """Figures, the signatures table and report.html, from the runs' stored metrics alone."""
+    from learndyn.report import build_report, evaluate_signatures
+
+    page = build_report(runs, out_dir)
+    print_signatures(evaluate_signatures(runs))
+    out.print(f"report: {page}")
+
+
+def print_signatures(signatures: list[dict]) -> None:
+    """The paper's observations: did each hold in these runs, with the numbers behind it."""
+    from rich.table import Table
+
+    view = Table("observation", "held", "numbers", title="Signatures of the paper's observations")
+    marks = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "n/a"}
+    for sig in signatures:
+        numbers = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in sig["numbers"].items())
+        view.add_row(sig["name"], marks[sig["held"]], numbers)
+    out.print(view)
 
 
 @app.command()

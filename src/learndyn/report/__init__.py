@@ -1,0 +1,57 @@
+"""Report: figures, the paper's signatures and a self-contained HTML page, from stored metrics only.
+
+    path = build_report(["runs/sft", "runs/dpo"])    # -> runs/dpo/report.html
+    for sig in evaluate_signatures(["runs/sft", "runs/dpo"]): print(sig["name"], sig["held"])
+
+Runs chain into arms (an SFT run and the DPO run started from it share one epoch axis; see arms.py);
+a baseline and an extended arm are overlaid. This layer never imports torch or a model: any report
+can be rebuilt from RUN/metrics/ alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from learndyn.atomic import atomic_path
+from learndyn.report import figures, page
+from learndyn.report.arms import load_arms
+from learndyn.report.signatures import evaluate
+
+__all__ = ["build_report", "evaluate_signatures"]
+
+FIGURES = {  # file stem -> (caption, plots change from step 0?)
+    "logp_sum": ("Per-type mean logp_sum against epochs; colour = response type, line style = arm, "
+                 "dashed grey line = phase boundary.", False),
+    "logp_change": ("Per-type change in mean logp_sum since the arm's step 0 (greedy: since its own run's "
+                    "start, as each run decodes its own).", True),
+}
+
+
+def evaluate_signatures(runs: list[str | Path]) -> list[dict[str, Any]]:
+    """The paper's observations checked on `runs`: dicts with name, arm, held (True/False/None),
+    numbers and description (see learndyn.report.signatures)."""
+    return evaluate(load_arms(runs))
+
+
+def build_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
+    """Write OUT/figures/*.png, OUT/signatures.json and OUT/report.html (OUT defaults to the last
+    run's folder), each atomically; return the path of report.html."""
+    arms = load_arms(runs)
+    out = Path(out) if out is not None else Path(runs[-1])
+    signatures = evaluate(arms)
+    pngs = {}
+    for stem, (caption, change) in FIGURES.items():
+        png = figures.render(arms, change=change)
+        _write(out / "figures" / f"{stem}.png", png)
+        pngs[stem] = (caption, png)
+    _write(out / "signatures.json", json.dumps(signatures, indent=2, ensure_ascii=False).encode("utf-8"))
+    _write(out / "report.html", page.render(arms, signatures, pngs).encode("utf-8"))
+    return out / "report.html"
+
+
+def _write(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+        tmp.chmod(0o644)  # a report is for sharing; the temporary file was created owner-only

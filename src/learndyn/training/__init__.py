@@ -1,0 +1,1 @@
+"""Training: TRL recipes, the LearningDynamicsCallback, and run directories (see runs.py)."""

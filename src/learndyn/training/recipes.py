@@ -1,0 +1,211 @@
+"""Tracked finetuning on TRL: SFT (optionally "extended" to rejected responses) and DPO with its variants.
+
+A recipe turns `TrainSettings` into a run folder (see runs.py): it loads the starting model (a model
+name, or the final checkpoint of an earlier run for SFT -> DPO chains), builds the TRL dataset,
+attaches the LearningDynamicsCallback and trains. The reference model of DPO is the starting model.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from learndyn.errors import LearndynError
+from learndyn.models import BUILTIN_MODEL
+from learndyn.training.runs import prepare_run, read_config, write_config
+
+# TRL 1.x DPOConfig.loss_type values (single losses).
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+PHASES = ("sft", "dpo")
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines a tracked run; saved as RUN/config.yaml."""
+
+    phase: str = field(metadata={"help": "sft or dpo"})
+    data: str = field(metadata={"help": "preference data (see learndyn.load_preferences)"})
+    probes: str = field(metadata={"help": "probe file tracked during training"})
+    out: str = field(metadata={"help": "run folder"})
+    model: str = field(default=BUILTIN_MODEL, metadata={"help": "starting model (ignored with from_run)"})
+    from_run: str | None = field(default=None, metadata={"help": "start from this run's final checkpoint"})
+    extend: bool = field(default=False, metadata={"help": "SFT on chosen and rejected (dataset extension)"})
+    loss: str = field(default="sigmoid", metadata={"help": "DPO loss variant (TRL loss_type)"})
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature"})
+    learning_rate: float | None = field(default=None, metadata={"help": "default: 2e-5 for SFT, 5e-6 for DPO"})
+    epochs: float = field(default=2.0, metadata={"help": "passes over the training data"})
+    batch_size: int = field(default=8, metadata={"help": "examples per optimizer step (per device)"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    max_length: int = field(default=512, metadata={"help": "tokens per training sequence and probe"})
+    every: int = field(default=2, metadata={"help": "score the probes every N optimizer steps"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
+    probe_limit: int | None = field(default=None, metadata={"help": "track only the first N probe prompts"})
+    seed: int = field(default=0, metadata={"help": "seed of data order and initialisation"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: GPU if present)"})
+    report_to: list[str] = field(default_factory=list, metadata={"help": "transformers report_to integrations"})
+    save_model: bool = field(default=True, metadata={"help": "keep the final model in RUN/checkpoints/final"})
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise LearndynError(f"unknown phase '{self.phase}'; valid: {', '.join(PHASES)}")
+        if self.loss not in DPO_LOSSES:
+            raise LearndynError(f"unknown DPO loss '{self.loss}'; valid: {', '.join(DPO_LOSSES)}")
+        if self.learning_rate is None:
+            self.learning_rate = 2e-5 if self.phase == "sft" else 5e-6
+        for name in ("batch_size", "grad_accum", "max_length", "every"):
+            if getattr(self, name) < 1:
+                raise LearndynError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.epochs > 0 or not self.learning_rate > 0:
+            raise LearndynError("epochs and learning_rate must be positive")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainSettings:
+        """Build from a YAML/flags dict, naming any unknown key (`from` is accepted for from_run)."""
+        values = dict(values)
+        if "from" in values:
+            values["from_run"] = values.pop("from")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise LearndynError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        missing = [n for n in ("phase", "data", "probes", "out") if values.get(n) is None]
+        if missing:
+            raise LearndynError(f"missing setting(s): {', '.join(missing)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["from"] = values.pop("from_run")
+        return values
+
+
+def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run one tracked phase; returns the run folder. Interrupting it keeps the evaluations written."""
+    from learndyn.data import load_preferences
+    from learndyn.probes.files import read_probes
+    from learndyn.training.callback import LearningDynamicsCallback
+
+    run = Path(settings.out)
+    if resume and (run / "config.yaml").is_file() and read_config(run) != settings.to_dict():
+        raise LearndynError(f"{run} was made with other settings; --resume needs the same ones (or use --overwrite)")
+    start = _starting_point(settings)  # fail on a missing --from before touching the run folder
+    prefs = load_preferences(settings.data, limit=settings.limit, need_rejected=settings.phase == "dpo")
+    probes = read_probes(settings.probes, limit=settings.probe_limit)
+    run = prepare_run(run, resume=resume, overwrite=overwrite)
+    write_config(run, settings.to_dict())
+
+    model, tokenizer = _load_trainable(start, settings.device)
+    trainer = (_sft_trainer if settings.phase == "sft" else _dpo_trainer)(settings, model, tokenizer, prefs, run)
+    callback = LearningDynamicsCallback(probes, run, every=settings.every, phase=settings.phase, tokenizer=tokenizer,
+                                        trainer=trainer, max_length=settings.max_length)
+    trainer.add_callback(callback)
+    trainer.train()
+    if callback.nan_step is not None:
+        raise LearndynError(f"loss became NaN at step {callback.nan_step}; training stopped, "
+                            f"metrics up to then are kept in {run / 'metrics'}")
+    if settings.save_model:
+        save_checkpoint(trainer.model, tokenizer, run / "checkpoints" / "final")
+    return run
+
+
+def final_checkpoint(run: str | Path) -> Path:
+    """The model a finished run ended with (the start of a chained phase)."""
+    path = Path(run) / "checkpoints" / "final"
+    if not Path(run).is_dir():
+        raise LearndynError(f"--from {run}: no such run folder")
+    if not (path / "config.json").is_file():
+        raise LearndynError(f"--from {run}: no final checkpoint ({path}); did that run finish with save_model on?")
+    return path
+
+
+def save_checkpoint(model: Any, tokenizer: Any, path: Path) -> None:
+    """Save model + tokenizer to `path` atomically (a temporary folder renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _starting_point(settings: TrainSettings) -> str:
+    return str(final_checkpoint(settings.from_run)) if settings.from_run else settings.model
+
+
+def _load_trainable(name: str, device: str | None) -> tuple[Any, Any]:
+    """Weights in fp32 for training (mixed precision on GPU comes from the trainer's bf16 flag)."""
+    from learndyn.models import load_model
+
+    model, tokenizer = load_model(name, device=device, dtype="float32")
+    model.config.use_cache = False  # training does not use the KV cache; scoring passes use_cache itself
+    return model, tokenizer
+
+
+def _training_args(config_cls: type, settings: TrainSettings, run: Path, model: Any, **extra: Any) -> Any:
+    on_cpu = model.device.type == "cpu"
+    return config_cls(
+        output_dir=str(run / "checkpoints"),
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        lr_scheduler_type="constant",  # the paper's dynamics are read at a fixed step size
+        max_length=settings.max_length,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=settings.report_to or "none",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        use_cpu=on_cpu,
+        bf16=not on_cpu,
+        disable_tqdm=False,
+        **extra,
+    )
+
+
+def _rows(prefs: list, kind: str) -> list[dict[str, Any]]:
+    """TRL dataset rows: prompt/completion for SFT, prompt/chosen/rejected for DPO."""
+    chat = {not isinstance(p.prompt, str) for p in prefs}
+    if len(chat) > 1:
+        raise LearndynError("the data mixes plain-text and conversation prompts; TRL needs one kind")
+
+    def answer(text: str) -> Any:
+        return [{"role": "assistant", "content": text}] if chat == {True} else text
+
+    if kind == "dpo":
+        return [{"prompt": p.prompt, "chosen": answer(p.chosen), "rejected": answer(p.rejected)} for p in prefs]
+    rows = [{"prompt": p.prompt, "completion": answer(p.chosen)} for p in prefs]
+    if kind == "sft-extended":
+        rows += [{"prompt": p.prompt, "completion": answer(p.rejected)} for p in prefs if p.rejected is not None]
+    return rows
+
+
+def _sft_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: list, run: Path) -> Any:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    rows = _rows(prefs, "sft-extended" if settings.extend else "sft")
+    args = _training_args(SFTConfig, settings, run, model, completion_only_loss=True)
+    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+
+
+def _dpo_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: list, run: Path) -> Any:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    reference = copy.deepcopy(model).eval()  # the starting model; TRL would rebuild it from a path
+    for param in reference.parameters():
+        param.requires_grad_(False)
+    args = _training_args(DPOConfig, settings, run, model, beta=settings.beta, loss_type=settings.loss)
+    return DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(_rows(prefs, "dpo")),
+                      processing_class=tokenizer)

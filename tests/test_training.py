@@ -1,0 +1,182 @@
+"""The callback inside real TRL trainers, the recipes, and run folders."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+from learndyn.data import load_preferences
+from learndyn.errors import LearndynError
+from learndyn.probes.build import build_probes
+from learndyn.probes.files import write_probes
+from learndyn.training.callback import LearningDynamicsCallback
+from learndyn.training.recipes import TrainSettings, _rows, train
+from learndyn.training.runs import read_config, read_metrics
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def probes():
+    return build_probes(load_preferences("example", limit=3))
+
+
+@pytest.fixture
+def tiny_folder(tiny_llama, tmp_path):
+    model, tokenizer = tiny_llama
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def trainer_args(config_cls, tmp_path, **extra):
+    return config_cls(output_dir=str(tmp_path / "ckpt"), per_device_train_batch_size=4, num_train_epochs=2,
+                      learning_rate=1e-3, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
+                      disable_tqdm=True, max_length=256, **extra)
+
+
+def chat_rows(n, kind):
+    prefs = load_preferences("example", limit=n)
+    return Dataset.from_list(_rows(prefs, kind))
+
+
+def test_callback_in_sft_trainer_writes_a_shard_per_evaluation(tiny_llama, probes, tmp_path):
+    model, tokenizer = tiny_llama
+    trainer = SFTTrainer(model=model, args=trainer_args(SFTConfig, tmp_path), train_dataset=chat_rows(8, "sft"),
+                         processing_class=tokenizer)  # 2 steps per epoch, 4 in all
+    trainer.add_callback(LearningDynamicsCallback(probes, out=tmp_path / "run", every=3))
+    trainer.train()
+    metrics = read_metrics(tmp_path / "run")
+    per_step = metrics.groupby("step")
+    assert sorted(per_step.groups) == [0, 3, 4]  # the start, every 3 steps, the end
+    assert per_step["epoch"].first().tolist() == [0.0, 1.5, 2.0]
+    n_rows = sum(len(p.responses) for p in probes)
+    assert per_step.size().tolist() == [n_rows] * 3
+    assert set(metrics["phase"]) == {"sft"}
+    assert not metrics.duplicated(["step", "example_id", "response_type"]).any()
+    chosen = metrics[metrics.response_type == "chosen"].groupby("step")["logp_sum"].mean()
+    assert chosen[4] > chosen[0]  # SFT on chosen raises chosen (lr 1e-3 on a random model)
+    logged = [h for h in trainer.state.log_history if "probes/chosen/logp_sum" in h]
+    assert len(logged) == 3  # mirrored to the trainer's logs
+
+
+def test_callback_in_dpo_trainer(tiny_llama, probes, tmp_path):
+    model, tokenizer = tiny_llama
+    reference = copy.deepcopy(model)
+    args = trainer_args(DPOConfig, tmp_path, beta=0.1, loss_type="sigmoid")
+    trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=chat_rows(8, "dpo"),
+                         processing_class=tokenizer)
+    callback = LearningDynamicsCallback(probes, out=tmp_path / "run", every=1, phase="dpo", trainer=trainer)
+    trainer.add_callback(callback)
+    trainer.train()
+    metrics = read_metrics(tmp_path / "run")
+    assert sorted(set(metrics["step"])) == [0, 1, 2, 3, 4] and set(metrics["phase"]) == {"dpo"}
+    mean = metrics.groupby(["response_type", "step"])["logp_sum"].mean()
+    margin = mean["chosen"] - mean["rejected"]
+    assert margin[4] > margin[0]  # DPO widens the chosen-rejected margin of trained pairs
+
+
+def test_extend_trains_on_two_rows_per_example():
+    prefs = load_preferences("example", limit=5)
+    plain, extended = _rows(prefs, "sft"), _rows(prefs, "sft-extended")
+    assert len(extended) == 2 * len(plain)
+    completions = [r["completion"][0]["content"] for r in extended]
+    assert completions[:5] == [p.chosen for p in prefs] and completions[5:] == [p.rejected for p in prefs]
+
+
+def test_recipe_chain_sft_then_dpo(tiny_folder, probes, tmp_path):
+    write_probes(probes, tmp_path / "p.jsonl")
+    common = dict(data="example", probes=str(tmp_path / "p.jsonl"), limit=4, batch_size=4, epochs=1, every=1,
+                  learning_rate=1e-3, max_length=256)
+    sft = train(TrainSettings(phase="sft", out=str(tmp_path / "sft"), model=str(tiny_folder), extend=True, **common))
+    assert sorted(set(read_metrics(sft)["step"])) == [0, 1, 2]  # extended: 8 rows / 4 = 2 steps
+    assert (sft / "checkpoints" / "final" / "config.json").is_file()
+    dpo = train(TrainSettings(phase="dpo", out=str(tmp_path / "dpo"), from_run=str(sft), loss="ipo", **common))
+    config = read_config(dpo)
+    assert config["from"] == str(sft) and config["loss"] == "ipo" and config["learning_rate"] == 1e-3
+    start = read_metrics(dpo).query("step == 0")
+    end_of_sft = read_metrics(sft).query("step == 2")
+    pd.testing.assert_series_equal(start["logp_sum"].reset_index(drop=True),
+                                   end_of_sft["logp_sum"].reset_index(drop=True), rtol=1e-5)
+
+
+def test_resume_after_a_crash_between_shards(tiny_folder, probes, tmp_path):
+    write_probes(probes, tmp_path / "p.jsonl")
+    settings = TrainSettings(phase="sft", data="example", probes=str(tmp_path / "p.jsonl"), out=str(tmp_path / "run"),
+                             model=str(tiny_folder), limit=8, batch_size=4, epochs=1, every=1, learning_rate=1e-3,
+                             max_length=256)
+    run = train(settings)
+    shards = sorted((run / "metrics").glob("*.parquet"))
+    complete = read_metrics(run)
+    shards[-1].unlink()  # the crash: the last evaluation never landed
+    kept = {s: s.stat().st_mtime_ns for s in shards[:-1]}
+    with pytest.raises(LearndynError, match="--resume"):
+        train(settings)
+    train(settings, resume=True)
+    assert {s: s.stat().st_mtime_ns for s in shards[:-1]} == kept  # finished evaluations untouched
+    pd.testing.assert_frame_equal(read_metrics(run), complete, rtol=1e-5)
+    with pytest.raises(LearndynError, match="other settings"):
+        train(TrainSettings(**{**settings.__dict__, "learning_rate": 1e-4}), resume=True)
+
+
+def test_nan_loss_stops_training_and_keeps_earlier_metrics(tiny_llama, probes, tmp_path):
+    model, tokenizer = tiny_llama
+
+    class Diverge(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    model.lm_head.weight.fill_(float("nan"))
+
+    trainer = SFTTrainer(model=model, args=trainer_args(SFTConfig, tmp_path), train_dataset=chat_rows(8, "sft"),
+                         processing_class=tokenizer, callbacks=[Diverge()])
+    callback = LearningDynamicsCallback(probes, out=tmp_path / "run", every=1)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback.nan_step == 3
+    assert trainer.state.global_step == 3  # stopped, not run to step 4
+    assert sorted(set(read_metrics(tmp_path / "run")["step"])) == [0, 1, 2]
+
+
+def test_bad_inputs_are_one_line_errors(tiny_folder, probes, tmp_path):
+    write_probes(probes, tmp_path / "p.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "sft_only.jsonl").write_text('{"prompt": "q", "chosen": "a"}\n')
+    base = dict(phase="dpo", data="example", probes=str(tmp_path / "p.jsonl"), out=str(tmp_path / "r"),
+                model=str(tiny_folder))
+    with pytest.raises(LearndynError, match="no such run folder"):
+        train(TrainSettings(**{**base, "from_run": str(tmp_path / "missing")}))
+    with pytest.raises(LearndynError, match="empty probe file"):
+        train(TrainSettings(**{**base, "probes": str(tmp_path / "empty.jsonl")}))
+    with pytest.raises(LearndynError, match="missing field 'rejected'"):
+        train(TrainSettings(**{**base, "data": str(tmp_path / "sft_only.jsonl")}))
+    with pytest.raises(LearndynError, match="unknown setting"):
+        TrainSettings.from_dict({**base, "learning_rte": 1.0})
+    assert not (tmp_path / "r").exists()  # nothing half-made
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
+def test_two_processes_write_each_probe_once(tiny_folder, probes, tmp_path):
+    write_probes(probes, tmp_path / "p.jsonl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(TESTS / "two_process_sft.py"), str(tiny_folder), str(tmp_path / "p.jsonl"), str(tmp_path / "run")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(tmp_path / "run")
+    n_rows = sum(len(p.responses) for p in probes)
+    assert metrics.groupby("step").size().tolist() == [n_rows] * len(set(metrics["step"]))
+    assert not metrics.duplicated(["step", "example_id", "response_type"]).any()
+    order = [p.example_id for p in probes]
+    assert list(dict.fromkeys(metrics.query("step == 0")["example_id"])) == order
