@@ -258,3 +258,35 @@ def test_score_writes_parquet_and_prints_per_type_means(tmp_path, tiny_llama):
     assert sorted(set(scores["response_type"])) == ["chosen", "shuffled_chosen"]  # the authors' alias works
     assert len(scores) == 6 and scores["truncated"].all()  # every example prompt+answer exceeds 24 tokens
     assert "Per-type means" in result.stdout and "6 responses truncated" in result.stdout
+
+
+def test_train_sft_takes_settings_from_yaml_with_flags_overriding(tmp_path, tiny_llama):
+    import yaml
+
+    model, tokenizer = tiny_llama
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    probes = tmp_path / "probes.jsonl"
+    assert learndyn("probes", "build", "--data", "example", "--out", str(probes), "--limit", "2").returncode == 0
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump({"data": "example", "probes": str(probes), "model": str(tmp_path / "model"),
+                                      "limit": 4, "batch_size": 4, "epochs": 1, "every": 1, "learning_rate": 0.5,
+                                      "max_length": 128}))
+    run = tmp_path / "run"
+    result = learndyn("train", "sft", "--config", str(config), "--out", str(run), "--lr", "0.001", "--extend")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["learning_rate"] == 0.001 and saved["extend"] is True and saved["limit"] == 4  # flag beats YAML
+    assert len(list((run / "metrics").glob("*.parquet"))) == 3  # steps 0, 1, 2 (8 extended rows / 4)
+    again = learndyn("train", "sft", "--config", str(config), "--out", str(run))
+    assert_one_error_line(again, "already holds metrics", "--resume", "--overwrite")
+    report = learndyn("report", str(run))
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert (run / "report.html").is_file() and "sft_raises_chosen" in report.stdout
+
+
+def test_train_config_with_unknown_key_is_one_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("data: example\nprobes: p.jsonl\nlearning_rte: 0.1\n")
+    result = learndyn("train", "sft", "--config", str(config), "--out", str(tmp_path / "r"))
+    assert_one_error_line(result, "unknown setting(s) learning_rte")

@@ -224,38 +224,29 @@ def print_signatures(signatures: list[dict]) -> None:
     """The paper's observations: did each hold in these runs, with the numbers behind it."""
     from rich.table import Table
 
-    view = Table("observation", "held", "numbers", title="Signatures of the paper's observations")
+    view = Table("observation", "arm", "held", "numbers", title="Signatures of the paper's observations")
     marks = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "n/a"}
     for sig in signatures:
         numbers = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in sig["numbers"].items())
-        view.add_row(sig["name"], marks[sig["held"]], numbers)
+        view.add_row(sig["name"].split(" [")[0], sig.get("arm") or "both", marks[sig["held"]], numbers)
     out.print(view)
 
 
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the demo's files.")] = Path("learndyn-demo"),
-    limit: Annotated[int, typer.Option(help="Number of example prompts to probe.")] = 32,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for probes, runs and the report.")] = Path("learndyn-demo"),
+    quick: Annotated[bool, typer.Option(help="A smaller run (about 5 minutes on 2 CPU cores).")] = False,
     device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
 ) -> None:
-    """Build probes from the example data and score them with the built-in model."""
-    from learndyn.data import load_preferences
-    from learndyn.models import load_model
-    from learndyn.probes.build import build_probes
-    from learndyn.probes.files import write_probes
-    from learndyn.scoring import score_probes, write_scores
+    """Baseline SFT -> DPO and extended SFT -> DPO on the built-in model and example data, then the report."""
+    from learndyn.experiments.demo import run_demo, demo_settings
+    from learndyn.report import build_report, evaluate_signatures
 
-    lm, tok = load_model(device=device, dtype=dtype)
-    train = load_preferences("example", limit=limit)
-    probes = build_probes(train, held_out=load_preferences("example:test"), model=lm, tokenizer=tok)
-    write_probes(probes, out_dir / "probes.jsonl")
-    scores = score_probes(lm, tok, probes)
-    write_scores(scores, out_dir / "scores.parquet")
-    out.print(f"learndyn demo: {len(probes)} example prompts x {scores['response_type'].nunique()} response types, "
-              "scored by the built-in smollm2-135m-instruct (teacher forcing, prompt masked, EOS appended)")
-    print_summary(scores)
-    out.print(f"probes: {out_dir / 'probes.jsonl'}   scores: {out_dir / 'scores.parquet'}")
+    settings = demo_settings(quick, out=str(out_dir), device=device)
+    runs = run_demo(settings, console)
+    page = build_report(runs, out_dir)
+    print_signatures(evaluate_signatures(runs))
+    out.print(f"report: {page.resolve()}")
 
 
 def print_summary(scores) -> None:

@@ -105,6 +105,7 @@ def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = Fa
     callback = LearningDynamicsCallback(probes, run, every=settings.every, phase=settings.phase, tokenizer=tokenizer,
                                         trainer=trainer, max_length=settings.max_length)
     trainer.add_callback(callback)
+    _quiet_progress(trainer, f"{settings.phase.upper()}{' (extended)' if settings.extend else ''}")
     trainer.train()
     if callback.nan_step is not None:
         raise LearndynError(f"loss became NaN at step {callback.nan_step}; training stopped, "
@@ -168,9 +169,33 @@ def _training_args(config_cls: type, settings: TrainSettings, run: Path, model: 
         data_seed=settings.seed,
         use_cpu=on_cpu,
         bf16=not on_cpu,
-        disable_tqdm=False,
         **extra,
     )
+
+
+def _quiet_progress(trainer: Any, label: str) -> None:
+    """A rich step bar instead of transformers' tqdm bar, which also prints every log dict."""
+    from rich.progress import Progress
+    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+
+    class StepBar(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = Progress(transient=False)
+                self.bar.start()
+                self.task = self.bar.add_task(f"{label} steps", total=state.max_steps)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar.update(self.task, completed=state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar.stop()
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(StepBar())
 
 
 def _rows(prefs: list, kind: str) -> list[dict[str, Any]]:

@@ -1,0 +1,1 @@
+"""Recipes that compose the library end to end (demo, replication, comparison); no math of their own."""
