@@ -208,3 +208,16 @@ def test_models_that_post_process_logits_keep_their_own_forward(tiny_tokenizer, 
     assert not _split(model).fused
     encoded = random_encoded(len(tiny_tokenizer), 8, seed=2)
     assert_same_scores(score_encoded(model, encoded, batch_tokens=16, progress=None), score_plain(model, encoded))
+
+
+def test_written_files_follow_the_umask_not_mkstemps_0600(tiny_llama, tmp_path):
+    import os
+
+    model, tokenizer = tiny_llama
+    scores = score_probes(model, tokenizer, [Probe("a", "p", {"chosen": "x"})], progress=None)
+    old = os.umask(0o022)
+    try:
+        write_scores(scores, tmp_path / "s.parquet")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s.parquet").stat().st_mode & 0o777 == 0o644

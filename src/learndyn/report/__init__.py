@@ -54,4 +54,3 @@ def build_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
 def _write(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-        tmp.chmod(0o644)  # a report is for sharing; the temporary file was created owner-only
