@@ -221,3 +221,15 @@ def test_written_files_follow_the_umask_not_mkstemps_0600(tiny_llama, tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "s.parquet").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_model_in_training_mode_is_scored_in_eval_mode_and_left_training(tiny_llama):
+    model, tokenizer = tiny_llama
+    model.config.dropout = 0.0
+    probes = [Probe("a", "prompt", {"chosen": "an answer", "rejected": "no"})]
+    expected = score_probes(model, tokenizer, probes, progress=None)
+    model.gradient_checkpointing_enable()  # as TRL trainers do: in training mode it turns the KV cache off
+    model.train()
+    scores = score_probes(model, tokenizer, probes, progress=None)
+    assert model.training
+    pd.testing.assert_frame_equal(scores, expected)

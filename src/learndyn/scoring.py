@@ -23,7 +23,8 @@ position l and y_l the response token there:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def score_encoded(
 
     results: dict[tuple[int, int], dict[str, float]] = {}
     total = sum(len(e.responses) for e in encoded)
-    with Progress(transient=True, disable=progress is None) as bar:
+    with Progress(transient=True, disable=progress is None) as bar, _eval_mode(model):
         task = bar.add_task(progress or "", total=total)
         for batch in _prompt_batches(encoded, batch_tokens):
             for key, stats in _score_batch(model, [encoded[i] for i in batch], batch, batch_tokens, on_gpu):
@@ -155,6 +156,17 @@ def score_encoded(
             rows.append({"example_id": enc.example_id, "response_type": name, **results[(i, j)],
                          "truncated": truncated})
     return pd.DataFrame(rows, columns=["example_id", "response_type", *METRICS, "truncated"])
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """Dropout off and the KV cache on while scoring, even mid-training; the mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _pack(lengths: Sequence[int], budget: int, max_waste: float = 0.1) -> list[tuple[int, int]]:
@@ -345,22 +357,23 @@ def score_plain(model: Any, encoded: Sequence[EncodedPrompt], dtype: torch.dtype
     import pandas as pd
 
     rows = []
-    for enc in encoded:
-        for name, ids, truncated in enc.responses:
-            seq = torch.tensor([enc.prompt_ids + ids], device=model.device)
-            logp = torch.log_softmax(model(input_ids=seq).logits[0].to(dtype), dim=-1)  # (T, V)
-            pos = logp[len(enc.prompt_ids) - 1 : -1]  # (R, V): positions that predict the response
-            p = pos.exp()
-            y = torch.tensor(ids, device=model.device)
-            logp_y = pos[torch.arange(len(ids)), y]
-            onehot = torch.nn.functional.one_hot(y, pos.shape[-1]).to(dtype)
-            rows.append({
-                "example_id": enc.example_id, "response_type": name,
-                "logp_sum": logp_y.sum().item(), "logp_mean": logp_y.mean().item(), "n_tokens": len(ids),
-                "argmax_logp": pos.max(-1).values.sum().item(), "argmax_prob": p.max(-1).values.mean().item(),
-                "entropy": -(p * pos).sum(-1).mean().item(),
-                "residual_norm": (p - onehot).norm(dim=-1).mean().item(), "truncated": truncated,
-            })
+    with _eval_mode(model):
+        for enc in encoded:
+            for name, ids, truncated in enc.responses:
+                seq = torch.tensor([enc.prompt_ids + ids], device=model.device)
+                logp = torch.log_softmax(model(input_ids=seq).logits[0].to(dtype), dim=-1)  # (T, V)
+                pos = logp[len(enc.prompt_ids) - 1 : -1]  # (R, V): positions that predict the response
+                p = pos.exp()
+                y = torch.tensor(ids, device=model.device)
+                logp_y = pos[torch.arange(len(ids)), y]
+                onehot = torch.nn.functional.one_hot(y, pos.shape[-1]).to(dtype)
+                rows.append({
+                    "example_id": enc.example_id, "response_type": name,
+                    "logp_sum": logp_y.sum().item(), "logp_mean": logp_y.mean().item(), "n_tokens": len(ids),
+                    "argmax_logp": pos.max(-1).values.sum().item(), "argmax_prob": p.max(-1).values.mean().item(),
+                    "entropy": -(p * pos).sum(-1).mean().item(),
+                    "residual_norm": (p - onehot).norm(dim=-1).mean().item(), "truncated": truncated,
+                })
     return pd.DataFrame(rows, columns=["example_id", "response_type", *METRICS, "truncated"])
 
 

@@ -88,13 +88,8 @@ class LearningDynamicsCallback(TrainerCallback):
             return
         self.done.add(step)
         rank, world = _rank_and_world(args)
-        was_training = model.training
-        model.eval()  # dropout off while scoring
-        try:
-            frame = score_encoded(model, self.encoded[rank::world], batch_tokens=self.batch_tokens,
-                                  progress=f"Scoring probes at step {step}" if rank == 0 else None)
-        finally:
-            model.train(was_training)
+        frame = score_encoded(model, self.encoded[rank::world], batch_tokens=self.batch_tokens,
+                              progress=f"Scoring probes at step {step}" if rank == 0 else None)
         diverged = not frame["logp_sum"].map(math.isfinite).all()
         if world > 1:
             diverged = _any_rank(diverged, model.device)
