@@ -161,6 +161,8 @@ def test_bad_inputs_are_one_line_errors(tiny_folder, probes, tmp_path):
         train(TrainSettings(**{**base, "probes": str(tmp_path / "empty.jsonl")}))
     with pytest.raises(LearndynError, match="missing field 'rejected'"):
         train(TrainSettings(**{**base, "data": str(tmp_path / "sft_only.jsonl")}))
+    with pytest.raises(LearndynError, match="missing field 'rejected'"):
+        train(TrainSettings(**{**base, "phase": "sft", "extend": True, "data": str(tmp_path / "sft_only.jsonl")}))
     with pytest.raises(LearndynError, match="unknown setting"):
         TrainSettings.from_dict({**base, "learning_rte": 1.0})
     assert not (tmp_path / "r").exists()  # nothing half-made

@@ -95,7 +95,7 @@ def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = Fa
     if resume and (run / "config.yaml").is_file() and read_config(run) != settings.to_dict():
         raise LearndynError(f"{run} was made with other settings; --resume needs the same ones (or use --overwrite)")
     start = _starting_point(settings)  # fail on a missing --from before touching the run folder
-    prefs = load_preferences(settings.data, limit=settings.limit, need_rejected=settings.phase == "dpo")
+    prefs = load_preferences(settings.data, limit=settings.limit, need_rejected=settings.phase == "dpo" or settings.extend)
     probes = read_probes(settings.probes, limit=settings.probe_limit)
     run = prepare_run(run, resume=resume, overwrite=overwrite)
     write_config(run, settings.to_dict())
