@@ -6,6 +6,8 @@ The public API is a few nouns and verbs:
     prefs = learndyn.load_preferences("example")            # or a file, or a hub id[:split]
     probes = learndyn.build_probes(prefs, held_out=learndyn.load_preferences("example:test"))
     scores = learndyn.score_probes(model, tokenizer, probes) # long-format pandas DataFrame
+    trainer.add_callback(learndyn.LearningDynamicsCallback(probes, out="runs/mine", trainer=trainer))
+    learndyn.build_report(["runs/mine"])                     # figures, signatures, report.html
 
 Names resolve lazily so that importing learndyn (and `learndyn --help`) does not import torch.
 """
@@ -26,6 +28,8 @@ _EXPORTS = {
     "read_probes": "learndyn.probes.files",
     "write_probes": "learndyn.probes.files",
     "score_probes": "learndyn.scoring",
+    "LearningDynamicsCallback": "learndyn.training.callback",
+    "build_report": "learndyn.report",
     "LearndynError": "learndyn.errors",
 }
 __all__ = list(_EXPORTS)
