@@ -108,3 +108,13 @@ def tiny_gpt2(tiny_tokenizer, one_thread):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).to(torch.float32).eval()
     return model, tiny_tokenizer
+
+
+@pytest.fixture
+def tiny_folder(tiny_llama, tmp_path):
+    """The tiny Llama and its tokenizer saved as a model folder, for code that loads models by path."""
+    model, tokenizer = tiny_llama
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

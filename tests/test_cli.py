@@ -242,16 +242,13 @@ def test_resume_works_after_a_failure_before_any_row_finished(tmp_path, endpoint
     assert len(read_rows(out)) == 4
 
 
-def test_score_writes_parquet_and_prints_per_type_means(tmp_path, tiny_llama):
+def test_score_writes_parquet_and_prints_per_type_means(tmp_path, tiny_folder):
     import pandas as pd
 
-    model, tokenizer = tiny_llama
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
     probes = tmp_path / "probes.jsonl"
     assert learndyn("probes", "build", "--data", "example", "--out", str(probes), "--limit", "3").returncode == 0
     out = tmp_path / "scores.parquet"
-    result = learndyn("score", "--probes", str(probes), "--out", str(out), "--model", str(tmp_path / "model"),
+    result = learndyn("score", "--probes", str(probes), "--out", str(out), "--model", str(tiny_folder),
                       "--types", "chosen,random_permute", "--max-length", "24")
     assert result.returncode == 0, result.stderr
     scores = pd.read_parquet(out)
@@ -260,16 +257,13 @@ def test_score_writes_parquet_and_prints_per_type_means(tmp_path, tiny_llama):
     assert "Per-type means" in result.stdout and "6 responses truncated" in result.stdout
 
 
-def test_train_sft_takes_settings_from_yaml_with_flags_overriding(tmp_path, tiny_llama):
+def test_train_sft_takes_settings_from_yaml_with_flags_overriding(tmp_path, tiny_folder):
     import yaml
 
-    model, tokenizer = tiny_llama
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
     probes = tmp_path / "probes.jsonl"
     assert learndyn("probes", "build", "--data", "example", "--out", str(probes), "--limit", "2").returncode == 0
     config = tmp_path / "sft.yaml"
-    config.write_text(yaml.safe_dump({"data": "example", "probes": str(probes), "model": str(tmp_path / "model"),
+    config.write_text(yaml.safe_dump({"data": "example", "probes": str(probes), "model": str(tiny_folder),
                                       "limit": 4, "batch_size": 4, "epochs": 1, "every": 1, "learning_rate": 0.5,
                                       "max_length": 128}))
     run = tmp_path / "run"

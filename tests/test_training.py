@@ -31,15 +31,6 @@ def probes():
     return build_probes(load_preferences("example", limit=3))
 
 
-@pytest.fixture
-def tiny_folder(tiny_llama, tmp_path):
-    model, tokenizer = tiny_llama
-    folder = tmp_path / "tiny"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def trainer_args(config_cls, tmp_path, **extra):
     return config_cls(output_dir=str(tmp_path / "ckpt"), per_device_train_batch_size=4, num_train_epochs=2,
                       learning_rate=1e-3, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
