@@ -92,8 +92,8 @@ class PhaseTimer:
 
     def __init__(self, model):
         self.model, self.prompt, self.response, self.stats, self.fed, self.real = model, 0.0, 0.0, 0.0, 0, 0
-        scoring._split(model)  # the one-time head check is not part of the timed work
-        self.body = model.base_model if scoring._split(model).fused else model
+        scoring.split_model(model)  # the one-time head check is not part of the timed work
+        self.body = model.base_model if scoring.split_model(model).fused else model
 
     def __enter__(self):
         forward, stats = self.body.forward, scoring._token_stats

@@ -13,7 +13,7 @@ from learndyn.probes.files import Probe
 from learndyn.scoring import (
     METRICS,
     EncodedPrompt,
-    _pack,
+    pack_runs,
     _token_stats,
     encode_probes,
     score_encoded,
@@ -167,7 +167,7 @@ def test_empty_prompt_after_tokenization_is_an_error(tiny_llama):
 
 def test_pack_respects_budget_and_waste():
     lengths = [1, 2, 2, 3, 10, 10, 11, 40]
-    runs = _pack(lengths, budget=30, max_waste=0.1)
+    runs = pack_runs(lengths, budget=30, max_waste=0.1)
     assert runs[0][0] == 0 and runs[-1][1] == len(lengths)
     assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))  # contiguous cover
     for start, stop in runs:
@@ -189,23 +189,23 @@ def test_summary_is_in_vocabulary_order_with_counts(tiny_llama, tmp_path):
 
 
 def test_plain_head_models_use_the_fused_head(tiny_llama, tiny_gpt2):
-    from learndyn.scoring import _split
+    from learndyn.scoring import split_model
 
-    assert _split(tiny_llama[0]).fused and _split(tiny_gpt2[0]).fused
+    assert split_model(tiny_llama[0]).fused and split_model(tiny_gpt2[0]).fused
 
 
 def test_models_that_post_process_logits_keep_their_own_forward(tiny_tokenizer, one_thread):
     """Gemma-2 soft-caps its logits: the fused head would be wrong, so the scorer must notice."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from learndyn.scoring import _split
+    from learndyn.scoring import split_model
 
     torch.manual_seed(0)
     config = Gemma2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5,
                           pad_token_id=0)
     model = Gemma2ForCausalLM(config).eval()
-    assert not _split(model).fused
+    assert not split_model(model).fused
     encoded = random_encoded(len(tiny_tokenizer), 8, seed=2)
     assert_same_scores(score_encoded(model, encoded, batch_tokens=16, progress=None), score_plain(model, encoded))
 

@@ -169,7 +169,7 @@ def _eval_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def _pack(lengths: Sequence[int], budget: int, max_waste: float = 0.1) -> list[tuple[int, int]]:
+def pack_runs(lengths: Sequence[int], budget: int, max_waste: float = 0.1) -> list[tuple[int, int]]:
     """Cut ascending `lengths` into runs [start, stop) whose padded size fits `budget` tokens and is
     at most `max_waste` padding (a run always takes at least one item)."""
     runs: list[tuple[int, int]] = []
@@ -188,11 +188,11 @@ def _pack(lengths: Sequence[int], budget: int, max_waste: float = 0.1) -> list[t
 def _prompt_batches(encoded: Sequence[EncodedPrompt], batch_tokens: int) -> list[list[int]]:
     """Groups of prompts of similar length (indices into `encoded`)."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].prompt_ids))
-    runs = _pack([len(encoded[i].prompt_ids) for i in order], batch_tokens)
+    runs = pack_runs([len(encoded[i].prompt_ids) for i in order], batch_tokens)
     return [order[start:stop] for start, stop in runs]
 
 
-class _Split:
+class ModelSplit:
     """The model as `body` (tokens -> states, with the KV cache) and `head` (states -> logits).
 
     When a model's logits are exactly its output embedding applied to the base model's hidden
@@ -230,15 +230,15 @@ class _Split:
 _SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _split(model: Any) -> _Split:
+def split_model(model: Any) -> ModelSplit:
     if model not in _SPLITS:
-        _SPLITS[model] = _Split(model)
+        _SPLITS[model] = ModelSplit(model)
     return _SPLITS[model]
 
 
 def _score_batch(model: Any, prompts: list[EncodedPrompt], index: list[int], batch_tokens: int, on_gpu: bool):
     """Run the prompts once, then their responses in length-sorted chunks on the shared cache."""
-    split = _split(model)
+    split = split_model(model)
     device = model.device
     lengths = torch.tensor([len(p.prompt_ids) for p in prompts], device=device)  # (B,)
     width = int(lengths.max())
@@ -252,7 +252,7 @@ def _score_batch(model: Any, prompts: list[EncodedPrompt], index: list[int], bat
 
     jobs = sorted(((b, j) for b, p in enumerate(prompts) for j in range(len(p.responses))),
                   key=lambda bj: len(prompts[bj[0]].responses[bj[1]][1]))
-    for start, stop in _pack([len(prompts[b].responses[j][1]) for b, j in jobs], batch_tokens):
+    for start, stop in pack_runs([len(prompts[b].responses[j][1]) for b, j in jobs], batch_tokens):
         chunk = jobs[start:stop]
         stats = _score_responses(split, cache, last, mask, lengths, [(b, prompts[b].responses[j][1]) for b, j in chunk],
                                  chunk_rows=2048 if on_gpu else _STATS_CHUNK)
@@ -260,7 +260,7 @@ def _score_batch(model: Any, prompts: list[EncodedPrompt], index: list[int], bat
             yield (index[b], j), row
 
 
-def _score_responses(split: _Split, cache, last, prompt_mask, prompt_lengths, rows, chunk_rows: int):
+def _score_responses(split: ModelSplit, cache, last, prompt_mask, prompt_lengths, rows, chunk_rows: int):
     """Teacher-force `rows` = [(prompt row b, response ids)] on top of the prompts' cache."""
     from transformers import DynamicCache
 

@@ -1,0 +1,91 @@
+"""What explaining one update costs, against the naive route, on the built-in model.
+
+    python bench/explain_cost.py [--responses 32] [--loss dpo] [--optimizer sgd] [--lr 1e-4]
+
+Explains one DPO (or SFT) step on the first example-data pair against the first `--responses` probe
+responses of the example probe set, then takes the naive route in the same run: one backward pass
+per probe response for ∇θ log π(y), then its dot product with the same Δθ. Prints both times (the
+update gradient, shared by both routes, is counted in both), their ratio, and the agreement of the
+two predictions. The cost is also given in units of one plain forward pass over the probes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from learndyn import build_probes, load_model, load_preferences
+from learndyn.dynamics.explain import _probe_sequences, _ResponseLogits, _batches, _inputs, explain_step, predict_naive
+from learndyn.dynamics.updates import OptimizerRule
+from learndyn.probes.files import Probe
+
+
+def first_responses(probes: list[Probe], n: int) -> list[Probe]:
+    """The first `n` (probe, response type) pairs, in file order."""
+    kept, left = [], n
+    for probe in probes:
+        if left <= 0:
+            break
+        names = list(probe.responses)[:left]
+        kept.append(Probe(probe.example_id, probe.prompt, {k: probe.responses[k] for k in names}))
+        left -= len(names)
+    return kept
+
+
+def forward_time(model, tokenizer, probes) -> float:
+    """One plain no-grad forward over the probe sequences (eager attention, as the explainer runs)."""
+    obs = _probe_sequences(probes, tokenizer, None, None)
+    head = _ResponseLogits(model)
+    attn = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in _batches(obs, 1024):
+            head(*_inputs(obs, batch, model.device)[:4])
+    model.set_attn_implementation(attn)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--responses", type=int, default=32)
+    parser.add_argument("--loss", default="dpo")
+    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    args = parser.parse_args()
+
+    model, tokenizer = load_model()
+    prefs = load_preferences("example")
+    probes = first_responses(build_probes(prefs[:8], held_out=load_preferences("example:test")), args.responses)
+    n = sum(len(p.responses) for p in probes)
+    rule = OptimizerRule(args.optimizer, args.lr)
+
+    start = time.perf_counter()
+    got = explain_step(model, tokenizer, prefs[:1], probes, loss=args.loss, rule=rule, keep_delta=True)
+    ours = time.perf_counter() - start
+    update_s = got.summary["timings"]["update_gradient_s"]
+    start = time.perf_counter()
+    naive = predict_naive(model, tokenizer, probes, got.delta)
+    naive_s = time.perf_counter() - start + update_s
+    fwd = forward_time(model, tokenizer, probes)
+
+    merged = got.changes.merge(naive, on=["example_id", "response_type"], suffixes=("", "_naive"))
+    diff = (merged["predicted"] - merged["predicted_naive"]).abs()
+    scale = merged["predicted_naive"].abs().max()
+    print(f"{args.loss} step ({args.optimizer}, lr {args.lr:g}) explained against {n} probe responses "
+          f"({got.summary['positions']} positions), built-in model, {torch.get_num_threads()} threads")
+    print(f"explain_step: {ours:.1f} s (update gradient {update_s:.1f} s, probes {got.summary['timings']['probes_s']:.1f} s)"
+          f" = {ours / fwd:.1f} probe forwards")
+    print(f"naive route:  {naive_s:.1f} s (update gradient {update_s:.1f} s + {n} backward passes)"
+          f" = {naive_s / fwd:.1f} probe forwards")
+    print(f"ratio naive / explain_step: {naive_s / ours:.2f}x; one plain forward over the probes: {fwd:.2f} s")
+    print(f"agreement: max |ours - naive| = {diff.max():.3g} (largest |prediction| {scale:.3g}); "
+          f"rank correlation {merged['predicted'].rank().corr(merged['predicted_naive'].rank()):.4f}")
+    print(f"first-order vs actual: relative error {got.summary['relative_error']:.3g}, "
+          f"rank correlation {got.summary['rank_correlation']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""Explaining learning dynamics: Δ log π = −η · A · K · G to first order (Ren & Sutherland, Eq. 5).
+
+residuals  G = ∂L/∂z per loss (SFT, DPO, IPO, hinge), written out by hand
+updates    Δθ from a gradient under an optimizer rule (SGD, Adam, AdamW, RMSprop), split by cause
+explain    one LLM step: predicted vs actual change of every probe response, per position
+classify   the exact classification case: A, K (eNTK) and G as C×C matrices
+toy        the linear softmax model that shows the squeezing effect
+"""

@@ -1,0 +1,136 @@
+"""One-step explanations on tiny random models (float64, so first-order agreement is clean)."""
+
+import pytest
+import torch
+from conftest import make_tiny_tokenizer
+
+from learndyn.data import Preference
+from learndyn.dynamics.explain import explain_step, predict_naive
+from learndyn.dynamics.updates import OptimizerRule
+from learndyn.errors import LearndynError
+from learndyn.probes.files import Probe
+
+UPDATE = [
+    Preference("u0", "Human: How do I make tea? Assistant:", " Boil the water, then steep.", " I cannot help."),
+    Preference("u1", [{"role": "user", "content": "What is a horseshoe?"}], " A U-shaped metal plate.", " No idea."),
+]
+PROBES = [
+    Probe("u0", "Human: How do I make tea? Assistant:",
+          {"chosen": " Boil the water, then steep.", "rejected": " I cannot help.", "fluent_random": " The dog sleeps."}),
+    Probe("p1", [{"role": "user", "content": "Name a language."}],
+          {"chosen": " Python is a language.", "shuffled_chosen": "language. a Python is"}),
+    Probe("p2", "Human: Is the fox quick? Assistant:", {"chosen": " Yes, it jumps over the lazy dog."}),
+]
+
+
+@pytest.fixture
+def model64(tiny_llama):
+    model, tokenizer = tiny_llama
+    return model.double(), tokenizer
+
+
+@pytest.mark.parametrize("loss", ["sft", "dpo", "ipo", "hinge"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_prediction_equals_per_probe_backward_route(tiny_gpt2, loss, optimizer):
+    """Exact to float64 rounding on GPT-2. (Llama's eager attention takes its softmax in float32
+    even in a float64 model, which leaves ~1e-4 relative between two exact routes.)"""
+    model, tok = tiny_gpt2
+    model.double()
+    rule = OptimizerRule(optimizer, lr=1e-3, weight_decay=0.01)
+    got = explain_step(model, tok, UPDATE, PROBES, loss=loss, rule=rule, keep_delta=True)
+    naive = predict_naive(model, tok, PROBES, got.delta)
+    merged = got.changes.merge(naive, on=["example_id", "response_type"], suffixes=("", "_naive"))
+    assert len(merged) == len(got.changes) == 6
+    torch.testing.assert_close(torch.tensor(merged["predicted"].values), torch.tensor(merged["predicted_naive"].values),
+                               rtol=1e-7, atol=1e-10)
+
+
+def test_parts_add_up_and_sft_has_no_rejected_part(model64):
+    model, tok = model64
+    for loss in ("sft", "dpo"):
+        ch = explain_step(model, tok, UPDATE, PROBES, loss=loss, rule=OptimizerRule("adamw", 1e-3, weight_decay=0.1)).changes
+        parts = ch["predicted_from_chosen"] + ch["predicted_from_rejected"] + ch["predicted_from_state"]
+        torch.testing.assert_close(torch.tensor(parts.values), torch.tensor(ch["predicted"].values))
+        assert (ch["predicted_from_state"].abs() > 0).all()  # decoupled weight decay moves everything
+        assert (ch["predicted_from_rejected"] == 0).all() == (loss == "sft")
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 1e-2), ("adam", 3e-4)])
+def test_relative_error_falls_linearly_with_learning_rate(model64, optimizer, lr):
+    """The error of a first-order prediction is O(η) relative. (Below ~η/10 here Llama's eager
+    attention, which takes its softmax in float32 even for a float64 model, sets a noise floor.)"""
+    model, tok = model64
+    errors = [explain_step(model, tok, UPDATE, PROBES, loss="dpo", rule=OptimizerRule(optimizer, lr / k))
+              .summary["relative_error"] for k in (1, 3, 10)]
+    assert errors[0] < 0.05
+    assert errors[0] > errors[1] > errors[2] and 5 < errors[0] / errors[2] < 20
+
+
+def test_distribution_changes_match_first_order_at_small_steps(model64):
+    model, tok = model64
+    pos = explain_step(model, tok, UPDATE, PROBES, loss="dpo", rule=OptimizerRule("sgd", 1e-3)).positions
+    for name in ("argmax_prob", "entropy"):
+        pred, act = pos[f"{name}_predicted"], pos[f"{name}_actual"]
+        assert ((pred - act) ** 2).sum() ** 0.5 < 0.05 * (act**2).sum() ** 0.5
+    assert (pos["top_gain_predicted"].str[0] == pos["top_gain_actual"].str[0]).mean() > 0.9
+    assert pos.groupby(["example_id", "response_type"]).size().tolist() == \
+        pos.groupby(["example_id", "response_type"])["position"].max().add(1).tolist()
+
+
+def test_kernel_is_the_same_for_every_optimizer(model64):
+    """kernel = ⟨∇ log π(y_o), −∇L⟩ depends on the update and the observation, not on the optimizer."""
+    model, tok = model64
+    sgd = explain_step(model, tok, UPDATE, PROBES, loss="dpo", rule=OptimizerRule("sgd", 1e-3)).changes
+    adam = explain_step(model, tok, UPDATE, PROBES, loss="dpo", rule=OptimizerRule("adam", 1e-3)).changes
+    torch.testing.assert_close(torch.tensor(adam["kernel"].values), torch.tensor(sgd["kernel"].values), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(torch.tensor((sgd["kernel"] * 1e-3).values), torch.tensor(sgd["predicted"].values))
+
+
+def test_chunking_does_not_change_results(model64):
+    model, tok = model64
+    big = explain_step(model, tok, UPDATE, PROBES, loss="dpo", chunk_tokens=4096).changes
+    small = explain_step(model, tok, UPDATE, PROBES, loss="dpo", chunk_tokens=8).changes
+    for col in ("predicted", "actual", "kernel", "argmax_mass_actual"):
+        torch.testing.assert_close(torch.tensor(small[col].values), torch.tensor(big[col].values), rtol=1e-9, atol=1e-12)
+    assert list(big["example_id"]) == ["u0"] * 3 + ["p1"] * 2 + ["p2"]  # probe-file order kept
+
+
+def test_model_is_left_as_it_was(model64):
+    model, tok = model64
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    attn = model.config._attn_implementation
+    explain_step(model, tok, UPDATE, PROBES, loss="dpo", rule=OptimizerRule("adam", 1e-2))
+    assert model.training and model.config._attn_implementation == attn
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_reference_model_sets_the_margin(model64):
+    model, tok = model64
+    same = explain_step(model, tok, UPDATE, PROBES[:1], loss="dpo").summary["update"]["loss"]
+    assert same == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    other = type(model)(model.config).double().eval()
+    shifted = explain_step(model, tok, UPDATE, PROBES[:1], loss="dpo", ref_model=other).summary["update"]["loss"]
+    assert abs(shifted - same) > 1e-3
+
+
+def test_works_on_gpt2(tiny_gpt2):
+    model, tok = tiny_gpt2
+    got = explain_step(model.double(), tok, UPDATE, PROBES, loss="sft", rule=OptimizerRule("sgd", 1e-3))
+    assert got.summary["relative_error"] < 0.05 and got.summary["rank_correlation"] > 0.9
+
+
+def test_bad_inputs_give_one_line_errors(model64):
+    model, tok = model64
+    no_rejected = [Preference("x", "Hi", "Hello", None)]
+    with pytest.raises(LearndynError, match="'x' has no rejected response"):
+        explain_step(model, tok, no_rejected, PROBES, loss="dpo")
+    too_long = [Preference("long", "Hi", "x q " * 400, "no")]
+    with pytest.raises(LearndynError, match="'long' .* longer than the model's context of 512"):
+        explain_step(model, tok, too_long, PROBES, loss="sft")
+    with pytest.raises(LearndynError, match="no probe responses"):
+        explain_step(model, tok, UPDATE, PROBES, types=["greedy"])
+    bigger = make_tiny_tokenizer()
+    bigger.add_tokens([f"<extra{i}>" for i in range(20)])
+    with pytest.raises(LearndynError, match="tokenizer has 340 tokens but the model embeds only 320"):
+        explain_step(model, bigger, UPDATE, PROBES)
