@@ -284,3 +284,65 @@ def test_train_config_with_unknown_key_is_one_line(tmp_path):
     config.write_text("data: example\nprobes: p.jsonl\nlearning_rte: 0.1\n")
     result = learndyn("train", "sft", "--config", str(config), "--out", str(tmp_path / "r"))
     assert_one_error_line(result, "unknown setting(s) learning_rte")
+
+
+def test_explain_writes_tables_summary_and_figures(tmp_path, tiny_folder):
+    import pandas as pd
+
+    probes = tmp_path / "probes.jsonl"
+    assert learndyn("probes", "build", "--data", "example", "--out", str(probes), "--limit", "2").returncode == 0
+    out = tmp_path / "explained"
+    result = learndyn("explain", "--update", "example", "--rows", "0,1", "--probes", str(probes), "--model",
+                      str(tiny_folder), "--loss", "dpo", "--optimizer", "adam", "--lr", "1e-4", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    changes, positions = pd.read_parquet(out / "changes.parquet"), pd.read_parquet(out / "positions.parquet")
+    expected = [(row["example_id"], t) for row in read_rows(probes) for t in TYPE_NAMES if row.get(t)]
+    assert list(zip(changes["example_id"], changes["response_type"])) == expected
+    assert {"predicted", "actual", "predicted_from_chosen", "predicted_from_rejected"} <= set(changes.columns)
+    assert changes["n_tokens"].sum() == len(positions)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["rows"] == [0, 1] and summary["optimizer"] == "adam"
+    assert [r["example_id"] for r in summary["update_rows"]] == ["ex-001", "ex-002"]
+    assert summary["relative_error"] < 0.1
+    assert (out / "changes.png").stat().st_size > 0 and (out / "squeeze.png").stat().st_size > 0
+    assert "after one dpo step" in result.stdout
+
+
+def test_explain_bad_input_is_one_line(tmp_path, tiny_folder):
+    probes = tmp_path / "probes.jsonl"
+    assert learndyn("probes", "build", "--data", "example", "--out", str(probes), "--limit", "1").returncode == 0
+    common = ("--probes", str(probes), "--model", str(tiny_folder), "--out", str(tmp_path / "x"))
+    assert_one_error_line(learndyn("explain", "--update", "example", "--rows", "99", *common),
+                          "row 99 does not exist", "64 rows")
+    assert_one_error_line(learndyn("explain", "--update", "example", "--rows", "a", *common), "--rows")
+    sft_only = tmp_path / "sft.jsonl"
+    sft_only.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello"}) + "\n")
+    assert_one_error_line(learndyn("explain", "--update", str(sft_only), "--loss", "dpo", *common), "sft.jsonl", "rejected")
+    assert_one_error_line(learndyn("explain", "--update", "example", "--loss", "kto", *common), "valid: sft, dpo, ipo, hinge")
+    assert not (tmp_path / "x").exists()
+
+
+def test_explain_on_policy_takes_the_models_own_response_as_rejected(tmp_path, tiny_folder):
+    probes = tmp_path / "probes.jsonl"
+    assert learndyn("probes", "build", "--data", "example", "--out", str(probes), "--limit", "1").returncode == 0
+    out = tmp_path / "on"
+    result = learndyn("explain", "--update", "example", "--probes", str(probes), "--model", str(tiny_folder),
+                      "--loss", "dpo", "--on-policy", "--types", "chosen", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rejected = json.loads((out / "summary.json").read_text())["update_rows"][0]["rejected"]
+    assert rejected and rejected != read_rows(probes)[0]["rejected"]
+
+
+def test_squeeze_and_digits_write_figures_and_numbers(tmp_path):
+    result = learndyn("squeeze", "--case", "large-negative", "--out", str(tmp_path / "sq"))
+    assert result.returncode == 0, result.stderr
+    case = json.loads((tmp_path / "sq" / "summary.json").read_text())["cases"]["large-negative"]
+    assert case["argmax_before"]["prob_after"] > case["argmax_before"]["prob_before"]  # squeezed into the argmax
+    assert case["entropy_after"] < case["entropy_before"]
+    assert (tmp_path / "sq" / "large-negative.png").exists() and "large-negative" in result.stdout
+    assert_one_error_line(learndyn("squeeze", "--case", "nope", "--out", str(tmp_path / "sq")), "valid: uniform-positive")
+    result = learndyn("digits", "--steps", "300", "--out", str(tmp_path / "dg"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "dg" / "summary.json").read_text())
+    assert 0 < summary["relative_error"] < 0.2 and len(summary["influence"]["M"]) == 10
+    assert (tmp_path / "dg" / "digits_influence.png").exists()

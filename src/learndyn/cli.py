@@ -249,6 +249,108 @@ def demo(
     out.print(f"report: {page.resolve()}")
 
 
+@app.command()
+def explain(
+    update: Annotated[str, typer.Option(help="Preference data holding the update batch (any format `probes build` reads).")],
+    probes: Annotated[str, typer.Option(help="Probe file whose responses are explained.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for changes.parquet, positions.parquet, summary.json and figures.")] = Path("learndyn-explain"),
+    model: ModelOpt = "smollm2-135m-instruct",
+    rows: Annotated[str, typer.Option(help="Rows of UPDATE that form the batch, numbered from 0: '0' or '0,3'.")] = "0",
+    loss: Annotated[str, typer.Option(help="sft, dpo, ipo or hinge.")] = "sft",
+    optimizer: Annotated[str, typer.Option(help="sgd, adam, adamw or rmsprop (fresh state).")] = "sgd",
+    lr: Annotated[float, typer.Option(help="Learning rate of the step.")] = 1e-4,
+    beta: Annotated[float, typer.Option(help="beta of dpo, ipo and hinge.")] = 0.1,
+    ref_model: Annotated[Optional[str], typer.Option(help="Reference model of dpo/ipo/hinge (default: the model itself).")] = None,
+    on_policy: Annotated[bool, typer.Option(help="Use the model's own greedy response as each row's rejected response.")] = False,
+    types: Annotated[Optional[str], typer.Option(help="Only these response types, comma-separated.")] = None,
+    probe_limit: Annotated[Optional[int], typer.Option(help="Use only the first N probe rows.")] = None,
+    chunk_tokens: Annotated[int, typer.Option(help="Probe tokens per pass; lower it if memory runs short.")] = 1024,
+    tokenizer: Annotated[Optional[str], typer.Option(help="A tokenizer other than the model's own.")] = None,
+    device: DeviceOpt = None,
+    dtype: Annotated[str, typer.Option(help="float32 (default: first-order agreement needs it) or bfloat16.")] = "float32",
+) -> None:
+    """Explain one update step: predicted vs actual change of every probe response, split into the
+    parts caused by the chosen and the rejected residual, and where the probability mass went."""
+    from learndyn.experiments.explain import ExplainSettings, run_explain
+
+    settings = ExplainSettings(
+        update=update, probes=probes, model=model, rows=_int_list(rows, "--rows"), loss=loss, optimizer=optimizer,
+        lr=lr, beta=beta, ref_model=ref_model, on_policy=on_policy, types=_names(types), probe_limit=probe_limit,
+        chunk_tokens=chunk_tokens, tokenizer=tokenizer, device=device, dtype=dtype)
+    result = run_explain(settings, out_dir)
+    print_explanation(result.summary)
+    out.print(f"written: {out_dir}/changes.parquet, positions.parquet, summary.json, changes.png, squeeze.png")
+
+
+def print_explanation(summary: dict) -> None:
+    from rich.table import Table
+
+    view = Table("response_type", "predicted", "actual", "from chosen", "from rejected", "argmax mass pred.",
+                 "argmax mass actual", title=f"Mean change of log π(y) after one {summary['loss']} step "
+                 f"({summary['optimizer']}, lr {summary['lr']:g})")
+    for name, row in summary["by_type"].items():
+        view.add_row(name, *(f"{row[k]:+.4f}" for k in ("predicted", "actual", "predicted_from_chosen",
+                     "predicted_from_rejected", "argmax_mass_predicted", "argmax_mass_actual")))
+    out.print(view)
+    rho = summary["rank_correlation"]
+    out.print(f"first order vs actual: relative error {summary['relative_error']:.3g}, rank correlation "
+              f"{'n/a' if rho is None else f'{rho:.3f}'} over {summary['responses']} responses; mass onto argmax "
+              f"tokens: predicted {summary['argmax_mass']['predicted_sum']:+.4f}, actual "
+              f"{summary['argmax_mass']['actual_sum']:+.4f} over {summary['positions']} positions")
+
+
+@app.command()
+def squeeze(
+    case: Annotated[Optional[str], typer.Option(help="One case (default: all); see the list in the error for a bad name.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for figures and summary.json.")] = Path("learndyn-squeeze"),
+    seed: Annotated[int, typer.Option(help="Seed of the random model.")] = 0,
+) -> None:
+    """The squeezing effect on a toy linear softmax model: one positive, negative or DPO-like step."""
+    from rich.table import Table
+
+    from learndyn.experiments.squeeze import run_squeeze, table_rows
+
+    rows = table_rows(run_squeeze(out_dir, case=case, seed=seed))
+    view = Table(*rows[0].keys(), title="One update of the toy model (probabilities before → after)")
+    for row in rows:
+        view.add_row(*row.values())
+    out.print(view)
+    out.print(f"written: {out_dir}/summary.json and one figure per case")
+
+
+@app.command()
+def digits(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for figures and summary.json.")] = Path("learndyn-digits"),
+    seed: Annotated[int, typer.Option(help="Seed of the split, the network and the data order.")] = 0,
+    steps: Annotated[int, typer.Option(help="SGD steps (one example each).")] = 4000,
+) -> None:
+    """Classification dynamics, exactly: A, K, G on sklearn's 8x8 digits, one step and over training."""
+    from learndyn.experiments.digits import run_digits
+
+    summary = run_digits(out_dir, seed=seed, steps=steps)
+    one = summary["one_step"]
+    out.print(f"one SGD step on a '{one['update_digit']}': predicted -lr*A*K*G vs actual change of log pi, "
+              f"relative error {summary['relative_error']:.3g}")
+    out.print(f"test accuracy {summary['test_accuracy']:.3f}; influence over training: mean diagonal "
+              f"{summary['influence']['mean_diagonal']:+.4f}, mean off-diagonal {summary['influence']['mean_off_diagonal']:+.4f}")
+    out.print(f"written: {out_dir}/summary.json, digits_one_step.png, digits_influence.png")
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise LearndynError(f"{option} takes row numbers separated by commas, like 0,3; got '{text}'") from None
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    from learndyn.vocab import check_types
+
+    return tuple(check_types([part.strip() for part in text.split(",") if part.strip()]))
+
+
 def print_summary(scores) -> None:
     """The per-type means as a table, in vocabulary order."""
     from rich.table import Table

@@ -1,0 +1,104 @@
+"""`learndyn explain`: one update step explained against a probe set, written to a folder.
+
+Loads the model, the update rows and the probes, runs `dynamics.explain.explain_step`, and writes
+OUT/changes.parquet (one row per (example_id, response_type)), OUT/positions.parquet (one row per
+response token), OUT/summary.json (settings and headline numbers) and OUT/changes.png,
+OUT/squeeze.png, each atomically. With `on_policy`, each update row's rejected response is replaced
+by the model's own greedy response: a peak of the model's distribution instead of (usually) a
+valley, which is how the paper contrasts on- and off-policy negatives.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from learndyn.atomic import atomic_path
+from learndyn.errors import LearndynError
+from learndyn.models import BUILTIN_MODEL
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """What to explain; saved in summary.json."""
+
+    update: str  # preference data: the update batch is `rows` of it
+    probes: str  # probe file
+    model: str = BUILTIN_MODEL
+    rows: tuple[int, ...] = (0,)
+    loss: str = "sft"  # sft, dpo, ipo, hinge
+    optimizer: str = "sgd"  # sgd, adam, adamw, rmsprop (fresh state)
+    lr: float = 1e-4
+    beta: float = 0.1
+    ref_model: str | None = None  # default: the model itself (the first step of a DPO run)
+    on_policy: bool = False
+    types: tuple[str, ...] | None = None
+    probe_limit: int | None = None
+    chunk_tokens: int = 1024
+    greedy_tokens: int = 64
+    device: str | None = None
+    dtype: str | None = "float32"  # first-order agreement needs more than bf16
+    tokenizer: str | None = None  # default: the model's own
+
+
+def run_explain(settings: ExplainSettings, out: str | Path, progress: bool = True):
+    """Explain the step and write the folder; returns the `Explanation`."""
+    from learndyn.data import load_preferences
+    from learndyn.dynamics.explain import explain_step
+    from learndyn.dynamics.residuals import get_loss
+    from learndyn.dynamics.updates import OptimizerRule
+    from learndyn.models import load_model
+    from learndyn.probes.files import read_probes
+
+    pairwise = get_loss(settings.loss).pairwise
+    rule = OptimizerRule(settings.optimizer, settings.lr)
+    prefs = load_preferences(settings.update, need_rejected=pairwise and not settings.on_policy)
+    update = pick_rows(prefs, settings.rows, settings.update)
+    probes = read_probes(settings.probes, limit=settings.probe_limit)
+    model, tokenizer = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    if settings.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer)
+    ref = load_model(settings.ref_model, device=settings.device, dtype=settings.dtype)[0] if settings.ref_model else None
+    if settings.on_policy:
+        update = with_greedy_rejected(model, tokenizer, update, settings.greedy_tokens)
+    result = explain_step(model, tokenizer, update, probes, loss=settings.loss, rule=rule, beta=settings.beta,
+                          ref_model=ref, types=settings.types, chunk_tokens=settings.chunk_tokens, progress=progress)
+    write_explanation(result, settings, update, Path(out))
+    return result
+
+
+def pick_rows(prefs: list, rows: tuple[int, ...], source: str) -> list:
+    for row in rows:
+        if not 0 <= row < len(prefs):
+            raise LearndynError(f"{source}: row {row} does not exist (the data has {len(prefs)} rows, numbered from 0)")
+    return [prefs[row] for row in rows]
+
+
+def with_greedy_rejected(model, tokenizer, update: list, max_new_tokens: int) -> list:
+    """The update rows with the model's own greedy response as the rejected one (on-policy)."""
+    from dataclasses import replace
+
+    from learndyn.generation import generate
+
+    responses = generate(model, tokenizer, [p.prompt for p in update], max_new_tokens=max_new_tokens, progress=None)
+    return [replace(p, rejected=r) for p, r in zip(update, responses)]
+
+
+def write_explanation(result, settings: ExplainSettings, update: list, out: Path) -> None:
+    from learndyn.report.explain_figures import changes_figure, png, squeeze_figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, table in (("changes", result.changes), ("positions", result.positions)):
+        with atomic_path(out / f"{name}.parquet") as tmp:
+            table.to_parquet(tmp, index=False)
+    for name, fig in (("changes", changes_figure(result.changes)), ("squeeze", squeeze_figure(result.changes))):
+        with atomic_path(out / f"{name}.png") as tmp:
+            tmp.write_bytes(png(fig))
+    summary = {"settings": asdict(settings),
+               "update_rows": [{"example_id": p.example_id, "chosen": p.chosen, "rejected": p.rejected} for p in update],
+               **result.summary}
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False))
