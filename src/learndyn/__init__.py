@@ -8,6 +8,8 @@ The public API is a few nouns and verbs:
     scores = learndyn.score_probes(model, tokenizer, probes) # long-format pandas DataFrame
     trainer.add_callback(learndyn.LearningDynamicsCallback(probes, out="runs/mine", trainer=trainer))
     learndyn.build_report(["runs/mine"])                     # figures, signatures, report.html
+    learndyn.explain_step(model, tokenizer, prefs[:1], probes, loss="dpo",
+                          rule=learndyn.OptimizerRule("adam", 1e-5))  # one step, predicted vs actual
 
 Names resolve lazily so that importing learndyn (and `learndyn --help`) does not import torch.
 """
@@ -30,6 +32,8 @@ _EXPORTS = {
     "score_probes": "learndyn.scoring",
     "LearningDynamicsCallback": "learndyn.training.callback",
     "build_report": "learndyn.report",
+    "explain_step": "learndyn.dynamics.explain",
+    "OptimizerRule": "learndyn.dynamics.updates",
     "LearndynError": "learndyn.errors",
 }
 __all__ = list(_EXPORTS)
