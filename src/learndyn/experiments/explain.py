@@ -44,6 +44,8 @@ class ExplainSettings:
 
 def run_explain(settings: ExplainSettings, out: str | Path, progress: bool = True):
     """Explain the step and write the folder; returns the `Explanation`."""
+    import torch
+
     from learndyn.data import load_preferences
     from learndyn.dynamics.explain import explain_step
     from learndyn.dynamics.residuals import get_loss
@@ -64,8 +66,12 @@ def run_explain(settings: ExplainSettings, out: str | Path, progress: bool = Tru
     ref = load_model(settings.ref_model, device=settings.device, dtype=settings.dtype)[0] if settings.ref_model else None
     if settings.on_policy:
         update = with_greedy_rejected(model, tokenizer, update, settings.greedy_tokens)
-    result = explain_step(model, tokenizer, update, probes, loss=settings.loss, rule=rule, beta=settings.beta,
-                          ref_model=ref, types=settings.types, chunk_tokens=settings.chunk_tokens, progress=progress)
+    try:
+        result = explain_step(model, tokenizer, update, probes, loss=settings.loss, rule=rule, beta=settings.beta,
+                              ref_model=ref, types=settings.types, chunk_tokens=settings.chunk_tokens, progress=progress)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise LearndynError(f"out of memory while explaining; lower --chunk-tokens (now {settings.chunk_tokens}) "
+                            "or explain fewer update rows") from None
     write_explanation(result, settings, update, Path(out))
     return result
 
