@@ -351,6 +351,73 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     return tuple(check_types([part.strip() for part in text.split(",") if part.strip()]))
 
 
+@app.command()
+def generate(
+    run: Annotated[str, typer.Argument(metavar="RUN", help="A run folder (its checkpoints/final is used), a model folder (one holding config.json), the built-in name, a .gguf file or a hub id.")],
+    data: Annotated[str, typer.Option(help="Preference data whose prompts are answered (see `probes build --data`), e.g. example:test.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Response file to write (JSONL).")],
+    n: Annotated[Optional[int], typer.Option("--n", help="Answer only the first N prompts.")] = None,
+    sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample (temperature, seeded) instead of greedy decoding.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest response, in tokens.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (with --sample).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed (with --sample).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together (speed only).")] = 16,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Generate one response per prompt of DATA (batched), for judges and intrinsic measures."""
+    from learndyn.evaluation.intrinsic import text_measures
+    from learndyn.evaluation.responses import DecodingSettings, generate_file
+
+    settings = DecodingSettings(sample=sample, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                batch_size=batch_size)
+    if out_path.exists() and not overwrite:
+        raise LearndynError(f"{out_path} exists; pass --overwrite to replace it")
+    rows = generate_file(run, data, out_path, settings, n=n, device=device, dtype=dtype)
+    m = text_measures(rows)
+    ratios = ", ".join(f"{name} {'n/a' if m[key] is None else format(m[key], '.3f')}" for name, key in
+                       (("distinct-1", "distinct_1"), ("distinct-2", "distinct_2"), ("repetition-3", "repetition_3")))
+    out.print(f"wrote {len(rows)} responses to {out_path} ({settings.to_row()['decoding']}, "
+              f"at most {max_new_tokens} new tokens)")
+    out.print(f"  mean {m['mean_words']:.1f} words, {ratios}, {m['empty_responses']} empty", highlight=False)
+
+
+@app.command()
+def judge(
+    a_file: Annotated[Path, typer.Argument(help="Response file A (JSONL with prompt and response, e.g. from `learndyn generate`).")],
+    b_file: Annotated[Path, typer.Argument(help="Response file B, with the same prompts in the same order.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Verdict file (JSONL, one row per pair); verdicts already in it are reused.")],
+    judge_spec: Annotated[str, typer.Option("--judge", help="openai:MODEL (any OpenAI-compatible endpoint) or local[:MODEL] (a local chat model's p(A) vs p(B)).")] = "local",
+    base_url: Annotated[str, typer.Option(help="Endpoint of an openai judge.")] = "https://api.openai.com/v1",
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the openai judge's API key.")] = "OPENAI_API_KEY",
+    rate_limit: Annotated[Optional[float], typer.Option(help="At most this many requests per second (openai judge).")] = None,
+    max_pairs: Annotated[Optional[int], typer.Option(help="Judge only the first N pairs.")] = None,
+    workers: Annotated[int, typer.Option(help="Requests at once (openai judge).")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (local judge).")] = 8,
+    tie_margin: Annotated[float, typer.Option(help="Local judge: a tie when |log p(A) - log p(B)| is below this (nats).")] = 0.02,
+    overwrite: Annotated[bool, typer.Option(help="Discard the verdicts already in --out and judge again.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Judge two response files pairwise, each pair in both orders, and print the win rate of A."""
+    from learndyn.judging import judge_files, make_judge, win_rate
+
+    judge_ = make_judge(judge_spec, base_url=base_url, api_key_env=api_key_env, rate_limit=rate_limit,
+                        workers=workers, batch_size=batch_size, tie_margin=tie_margin, device=device, dtype=dtype)
+    result = judge_files(a_file, b_file, judge_, out_path, max_pairs=max_pairs, overwrite=overwrite)
+    rate = win_rate(result.rows)
+    out.print(f"{rate['pairs']} pairs judged by {judge_.spec} in both orders ({rate['pairs'] - result.reused} now, "
+              f"{result.reused} reused) -> {out_path}", highlight=False)
+    out.print(f"  A = {a_file}, B = {b_file}: A wins {rate['wins']}, B wins {rate['losses']}, ties {rate['ties']}, "
+              f"unparsed {rate['unparsed']} (orders disagreed on {rate['inconsistent']})", highlight=False)
+    if rate["win_rate"] is None:
+        out.print("  win rate of A: n/a (no parsed verdict)")
+    else:
+        out.print(f"  win rate of A: {rate['win_rate']:.3f}, 95% bootstrap interval [{rate['ci_low']:.3f}, "
+                  f"{rate['ci_high']:.3f}] (ties count half; unparsed left out)", highlight=False)
+
+
 def print_summary(scores) -> None:
     """The per-type means as a table, in vocabulary order."""
     from rich.table import Table

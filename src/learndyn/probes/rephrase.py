@@ -11,20 +11,14 @@ An empty rewrite comes back as "" and the probe builder skips it.
 
 from __future__ import annotations
 
-import http.client
 import inspect
-import json
-import os
 import re
-import socket
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from learndyn.errors import LearndynError
+from learndyn.openai_chat import ChatClient
 
 Rephraser = Callable[[list[str], str], list[str]]
 
@@ -45,7 +39,6 @@ _PREFIX = re.compile(
     re.IGNORECASE,
 )
 _QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "`": "`", "«": "»"}
-_RETRY_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
 
 
 def rephrase_messages(text: str, style: str) -> list[dict[str, str]]:
@@ -101,10 +94,11 @@ class LocalRephraser:
 class OpenAIRephraser:
     """Rewrites through an OpenAI-compatible `{base_url}/chat/completions` endpoint, one request per text.
 
-    Connection errors, timeouts, HTTP 408/429 and 5xx are retried `max_retries` times with exponential
-    back-off (`backoff`, 2·backoff, 4·backoff ... seconds, or the server's Retry-After when longer).
-    The API key is read from the environment variable `api_key_env` and never shown: not in errors,
-    not in the repr. `require_key=False` allows a keyless local server. `workers` requests run at once.
+    The HTTP side is `learndyn.openai_chat.ChatClient`: connection errors, timeouts, HTTP 408/429 and
+    5xx are retried `max_retries` times with exponential back-off (`backoff`, 2·backoff, 4·backoff ...
+    seconds, or the server's Retry-After when longer); `rate_limit` caps requests per second. The API
+    key is read from the environment variable `api_key_env` and never shown: not in errors, not in the
+    repr. `require_key=False` allows a keyless local server. `workers` requests run at once.
     """
 
     def __init__(
@@ -119,32 +113,20 @@ class OpenAIRephraser:
         require_key: bool = True,
         temperature: float | None = None,
         workers: int = 4,
+        rate_limit: float | None = None,
     ):
-        if not re.match(r"^https?://[^/]", base_url or ""):
-            raise LearndynError(f"rephraser base_url must start with http:// or https://, got '{base_url}'")
-        if not model:
-            raise LearndynError("rephraser model: give the model name the endpoint serves")
-        if max_retries < 0 or workers < 1 or timeout <= 0 or backoff < 0:
+        if workers < 1:
             raise LearndynError("rephraser: need max_retries >= 0, workers >= 1, timeout > 0, backoff >= 0")
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.api_key_env = api_key_env
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff = backoff
+        self.client = ChatClient(base_url, model, api_key_env, timeout, max_retries, backoff,
+                                 require_key=require_key, rate_limit=rate_limit, what="rephraser")
         self.temperature = temperature
         self.workers = workers
-        self._key = os.environ.get(api_key_env) or None
-        if self._key is None and require_key:
-            raise LearndynError(
-                f"the openai rephraser needs an API key in the environment variable {api_key_env} "
-                "(set it, or pass require_key=False for a local server)"
-            )
 
     def __repr__(self) -> str:
-        key = "set" if self._key else "unset"
-        return (f"OpenAIRephraser(url={self.url!r}, model={self.model!r}, "
-                f"api_key_env={self.api_key_env!r} ({key}), max_retries={self.max_retries})")
+        client = self.client
+        key = "set" if client.has_key else "unset"
+        return (f"OpenAIRephraser(url={client.url!r}, model={client.model!r}, "
+                f"api_key_env={client.api_key_env!r} ({key}), max_retries={client.max_retries})")
 
     def __call__(self, texts: list[str], style: str) -> list[str]:
         check_style(style)
@@ -160,81 +142,8 @@ class OpenAIRephraser:
                 raise
 
     def rephrase_one(self, text: str, style: str) -> str:
-        body: dict[str, Any] = {"model": self.model, "messages": rephrase_messages(text, style)}
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
-        reply = self._post(json.dumps(body).encode("utf-8"))
-        try:
-            data = json.loads(reply)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise LearndynError(f"{self.url}: the reply is not JSON") from None
-        try:
-            content = data["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise LearndynError(f"{self.url}: unexpected reply, no choices[0].message.content") from None
-        if content is None:
-            return ""
-        if not isinstance(content, str):
-            raise LearndynError(f"{self.url}: unexpected reply, message content is not text")
-        return clean_rewrite(content)
-
-    def _post(self, body: bytes) -> bytes:
-        """POST with retries; every failure ends as one line naming the URL and what went wrong."""
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        attempts = self.max_retries + 1
-        for attempt in range(attempts):
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            wait = self.backoff * 2**attempt
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
-            except urllib.error.HTTPError as err:
-                problem = f"HTTP {err.code}{_server_message(err)}"
-                if err.code not in _RETRY_STATUS:
-                    raise LearndynError(self._redact(f"{self.url}: {problem}")) from None
-                wait = max(wait, _retry_after(err))
-            except urllib.error.URLError as err:
-                problem = _describe(err.reason)
-            except (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException) as err:
-                problem = _describe(err)
-            if attempt + 1 < attempts and wait > 0:
-                time.sleep(wait)
-        raise LearndynError(self._redact(f"{self.url}: {problem} (after {attempts} attempt{'s' * (attempts > 1)})"))
-
-    def _redact(self, message: str) -> str:
-        message = " ".join(message.split())  # one line, whatever the server sent
-        return message.replace(self._key, "***") if self._key else message
-
-
-def _describe(reason: object) -> str:
-    if isinstance(reason, (TimeoutError, socket.timeout)):
-        return "timed out"
-    if isinstance(reason, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(reason, ConnectionResetError):
-        return "connection reset"
-    if isinstance(reason, BaseException):
-        return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
-    return str(reason)
-
-
-def _server_message(err: urllib.error.HTTPError) -> str:
-    """The server's own error line (OpenAI style `{"error": {"message": ...}}`), if it gave one."""
-    try:
-        data = json.loads(err.read(4096))
-        message = data["error"]["message"] if isinstance(data["error"], dict) else data["error"]
-    except Exception:  # any body that is not the expected shape: the status code says enough
-        return ""
-    return f": {str(message)[:200]}" if message else ""
-
-
-def _retry_after(err: urllib.error.HTTPError) -> float:
-    try:
-        return min(float(err.headers.get("Retry-After", 0)), 60.0)
-    except (TypeError, ValueError):
-        return 0.0
+        params = {} if self.temperature is None else {"temperature": self.temperature}
+        return clean_rewrite(self.client.complete(rephrase_messages(text, style), **params))
 
 
 def _no_rephraser() -> None:

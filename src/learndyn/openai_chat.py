@@ -1,0 +1,189 @@
+"""A small client for OpenAI-compatible `/chat/completions` endpoints, standard library only.
+
+The rephraser and the API judge both talk to such endpoints (OpenAI, vLLM, llama.cpp, Ollama, ...).
+They share this client so that retries, back-off, rate limiting and the hiding of the API key are
+written, and tested, once. Every failure the user can act on is a one-line `LearndynError` naming the
+URL; the key never appears in an error or a repr.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from learndyn.errors import LearndynError
+
+__all__ = ["ChatClient", "RateLimiter"]
+
+_RETRY_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
+
+
+class RateLimiter:
+    """At most `rate` request starts per second, shared by every thread that calls `wait`.
+
+    Requests are spaced evenly (a minimum interval of 1/rate between starts) rather than in bursts,
+    because providers count requests over short windows. `rate=None` (or 0) means no limit.
+    """
+
+    def __init__(self, rate: float | None = None):
+        if rate is not None and rate < 0:
+            raise LearndynError(f"rate limit must be positive (requests per second), got {rate}")
+        self.interval = 1.0 / rate if rate else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        """Block until this caller may start a request."""
+        if not self.interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            time.sleep(start - now)
+
+
+class ChatClient:
+    """POSTs chat conversations to `{base_url}/chat/completions` and returns the reply text.
+
+    Connection errors, timeouts, HTTP 408/429 and 5xx are retried `max_retries` times with exponential
+    back-off (`backoff`, 2·backoff, 4·backoff ... seconds, or the server's Retry-After when longer);
+    other HTTP errors (a bad key, a bad request) fail at once since repeating them cannot help. Every
+    attempt, retries included, waits its turn at the rate limiter. The key is read from the
+    environment variable `api_key_env`; `require_key=False` allows a keyless local server. `what`
+    names the user of the client in configuration errors ("rephraser", "judge").
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60,
+        max_retries: int = 3,
+        backoff: float = 1.0,
+        *,
+        require_key: bool = True,
+        rate_limit: float | None = None,
+        what: str = "chat client",
+    ):
+        if not re.match(r"^https?://[^/]", base_url or ""):
+            raise LearndynError(f"{what} base_url must start with http:// or https://, got '{base_url}'")
+        if not model:
+            raise LearndynError(f"{what} model: give the model name the endpoint serves")
+        if max_retries < 0 or timeout <= 0 or backoff < 0:
+            raise LearndynError(f"{what}: need max_retries >= 0, timeout > 0, backoff >= 0")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.limiter = RateLimiter(rate_limit)
+        self._key = os.environ.get(api_key_env) or None
+        if self._key is None and require_key:
+            raise LearndynError(
+                f"the openai {what} needs an API key in the environment variable {api_key_env} "
+                "(set it; for a local server that checks no key, any value will do)"
+            )
+
+    @property
+    def has_key(self) -> bool:
+        return self._key is not None
+
+    def __repr__(self) -> str:
+        key = "set" if self._key else "unset"
+        return f"ChatClient(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r} ({key}))"
+
+    def complete(self, messages: list[dict[str, str]], **params: Any) -> str:
+        """The reply's text for one conversation ("" when the endpoint sends no content).
+
+        `params` (temperature, max_tokens, ...) go into the request body as they are.
+        """
+        body = {"model": self.model, "messages": messages, **params}
+        reply = self.post(json.dumps(body).encode("utf-8"))
+        try:
+            data = json.loads(reply)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LearndynError(f"{self.url}: the reply is not JSON") from None
+        try:
+            content = data["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise LearndynError(f"{self.url}: unexpected reply, no choices[0].message.content") from None
+        if content is None:
+            return ""
+        if not isinstance(content, str):
+            raise LearndynError(f"{self.url}: unexpected reply, message content is not text")
+        return content
+
+    def post(self, body: bytes) -> bytes:
+        """POST with retries; every failure ends as one line naming the URL and what went wrong."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            self.limiter.wait()
+            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            wait = self.backoff * 2**attempt
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return response.read()
+            except urllib.error.HTTPError as err:
+                problem = f"HTTP {err.code}{_server_message(err)}"
+                if err.code not in _RETRY_STATUS:
+                    raise LearndynError(self.redact(f"{self.url}: {problem}")) from None
+                wait = max(wait, _retry_after(err))
+            except urllib.error.URLError as err:
+                problem = _describe(err.reason)
+            except (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException) as err:
+                problem = _describe(err)
+            if attempt + 1 < attempts and wait > 0:
+                time.sleep(wait)
+        raise LearndynError(self.redact(f"{self.url}: {problem} (after {attempts} attempt{'s' * (attempts > 1)})"))
+
+    def redact(self, message: str) -> str:
+        """`message` on one line with the API key replaced by ***: the form of every error."""
+        return self.hide_key(" ".join(message.split()))  # one line, whatever the server sent
+
+    def hide_key(self, text: str) -> str:
+        """`text` with the API key replaced by *** (a server may echo it back in a reply)."""
+        return text.replace(self._key, "***") if self._key else text
+
+
+def _describe(reason: object) -> str:
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, ConnectionResetError):
+        return "connection reset"
+    if isinstance(reason, BaseException):
+        return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+    return str(reason)
+
+
+def _server_message(err: urllib.error.HTTPError) -> str:
+    """The server's own error line (OpenAI style `{"error": {"message": ...}}`), if it gave one."""
+    try:
+        data = json.loads(err.read(4096))
+        message = data["error"]["message"] if isinstance(data["error"], dict) else data["error"]
+    except Exception:  # any body that is not the expected shape: the status code says enough
+        return ""
+    return f": {str(message)[:200]}" if message else ""
+
+
+def _retry_after(err: urllib.error.HTTPError) -> float:
+    try:
+        return min(float(err.headers.get("Retry-After", 0)), 60.0)
+    except (TypeError, ValueError):
+        return 0.0
