@@ -46,7 +46,6 @@ def main() -> None:
                 "rejected_tokens": len(tokenizer(pair.rejected)["input_ids"]) + 1,
                 "mass_pred_sum": pos["argmax_prob_predicted"].sum(), "mass_act_sum": pos["argmax_prob_actual"].sum(),
                 "mass_act_per_token": pos["argmax_prob_actual"].mean(),
-                "mass_from_rejected": pos["argmax_prob_from_rejected"].sum() if "argmax_prob_from_rejected" in pos else float("nan"),
                 "chosen_change": ch.loc["chosen", "actual"],
                 "entropy_act": pos["entropy_actual"].mean(),
                 "rel_error": got.summary["relative_error"],

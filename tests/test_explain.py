@@ -5,10 +5,21 @@ import torch
 from conftest import make_tiny_tokenizer
 
 from learndyn.data import Preference
-from learndyn.dynamics.explain import explain_step, predict_naive
+from learndyn.dynamics.explain import (
+    _explain_mode,
+    _inputs,
+    _probe_batch,
+    _probe_batches,
+    _probe_sequences,
+    _ResponseLogits,
+    _SharedPromptLogits,
+    explain_step,
+    predict_naive,
+)
 from learndyn.dynamics.updates import OptimizerRule
 from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe
+from learndyn.scoring import split_model
 
 UPDATE = [
     Preference("u0", "Human: How do I make tea? Assistant:", " Boil the water, then steep.", " I cannot help."),
@@ -86,13 +97,61 @@ def test_kernel_is_the_same_for_every_optimizer(model64):
     torch.testing.assert_close(torch.tensor((sgd["kernel"] * 1e-3).values), torch.tensor(sgd["predicted"].values))
 
 
-def test_chunking_does_not_change_results(model64):
-    model, tok = model64
-    big = explain_step(model, tok, UPDATE, PROBES, loss="dpo", chunk_tokens=4096).changes
-    small = explain_step(model, tok, UPDATE, PROBES, loss="dpo", chunk_tokens=8).changes
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_chunking_does_not_change_results(request, fixture):
+    """One batch for all probes vs one response per batch. Exact to float64 rounding on GPT-2; on
+    Llama only to its float32 attention softmax, whose sums round differently when the cached
+    prompt's padding moves the response keys (the `actual` column shows ~1e-8 absolute)."""
+    model, tok = request.getfixturevalue(fixture)
+    model.double()
+    big = explain_step(model, tok, UPDATE, PROBES, loss="dpo", chunk_tokens=4096)
+    small = explain_step(model, tok, UPDATE, PROBES, loss="dpo", chunk_tokens=8)
+    tol = dict(rtol=1e-9, atol=1e-12) if fixture == "tiny_gpt2" else dict(rtol=1e-6, atol=1e-7)
     for col in ("predicted", "actual", "kernel", "argmax_mass_actual"):
-        torch.testing.assert_close(torch.tensor(small[col].values), torch.tensor(big[col].values), rtol=1e-9, atol=1e-12)
-    assert list(big["example_id"]) == ["u0"] * 3 + ["p1"] * 2 + ["p2"]  # probe-file order kept
+        torch.testing.assert_close(torch.tensor(small.changes[col].values), torch.tensor(big.changes[col].values),
+                                   **tol)
+    assert list(big.changes["example_id"]) == ["u0"] * 3 + ["p1"] * 2 + ["p2"]  # probe-file order kept
+    assert big.positions[["example_id", "response_type", "position"]].equals(
+        small.positions[["example_id", "response_type", "position"]])  # positions too, response by response
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("budget", [1, 4096])
+@pytest.mark.parametrize("fused", [True, False])
+def test_prompt_sharing_equals_full_sequences(request, fixture, budget, fused):
+    """Logits and their jvp at every response position: each prompt once with its responses on its
+    KV cache (dual tensors inside jvp) vs every (prompt + response) in full. Budget 1 puts one response
+    in each batch, 4096 all of them in one; `fused` False is the route of models whose logits are
+    post-processed (the whole model's forward, no separate LM head)."""
+    model, tok = request.getfixturevalue(fixture)
+    model.double()
+    probes = [*PROBES, Probe("short", "H", {"chosen": " Hi there.", "rejected": ""})]  # 1-token prompt, EOS-only reply
+    obs = _probe_sequences(probes, tok, None, None)
+    assert obs.starts[-1] == 1 and len(obs.ids[-1]) == 2
+    split = split_model(model)
+    was, split.fused = split.fused, fused
+    params = {f"lm.{n}": p.detach() for n, p in model.named_parameters()}
+    torch.manual_seed(1)
+    tangent = {n: torch.randn_like(p) for n, p in params.items()}
+    full, shared = _ResponseLogits(model), _SharedPromptLogits(model)
+    tol = 1e-12 if fixture == "tiny_gpt2" else 1e-6  # relative, in norm (Llama: float32 softmax, see above)
+    batches = list(_probe_batches(obs, budget))
+    if budget == 1:
+        assert len(batches) == len(obs.ids)
+    else:  # each prompt's responses together, and prompts together
+        assert sorted(len(part) for groups in batches for part in groups) == [1, 2, 2, 3] and max(map(len, batches)) > 1
+    try:
+        with _explain_mode(model), torch.no_grad():
+            for groups in batches:
+                batch = _probe_batch(obs, groups, budget, model.device)
+                z, dz = torch.func.jvp(lambda p: torch.func.functional_call(shared, p, (batch,)), (params,), (tangent,))
+                ids, mask, rows, cols, labels, _ = _inputs(obs, batch.index, model.device)
+                z_ref, dz_ref = torch.func.jvp(lambda p: torch.func.functional_call(full, p, (ids, mask, rows, cols)),
+                                               (params,), (tangent,))
+                assert torch.equal(batch.labels, labels)
+                assert (z - z_ref).norm() < tol * z_ref.norm() and (dz - dz_ref).norm() < tol * dz_ref.norm()
+    finally:
+        split.fused = was
 
 
 def test_model_is_left_as_it_was(model64):

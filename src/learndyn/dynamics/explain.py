@@ -9,8 +9,10 @@ log-probability of an observed token y_l (Ren & Sutherland, Eq. 5) is
 part from the chosen residual G⁺ and the part from the rejected residual G⁻, so the prediction
 splits the same way. Nothing of size V×V (the eNTK) or (probes × parameters) is ever formed:
     one forward + one backward per residual part on the update batch gives g⁺ and g⁻;
-    one forward-mode pass (jvp) per part over the probes gives Δz = J·Δθ at every position;
+    one forward-mode pass (jvp, vmapped over the parts) over the probes gives Δz = J·Δθ at every position;
     one plain forward at θ + Δθ gives the actual change.
+Probes have many responses per prompt, so on the probe side each prompt runs once per batch and its
+responses run on its KV cache (which carries the tangents inside the jvp), as in `scoring.py`.
 A K summary per token is `kernel` = ⟨∇θ log π(y_l), −g⟩ = [A K G]_{y_l}: how strongly plain
 gradient descent on u pulls y_l up per unit learning rate (for SGD, predicted = η · kernel).
 
@@ -21,6 +23,7 @@ argmax token's probability, the entropy change and the tokens that gained most.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jvp, vmap
 
 from learndyn.data import Preference, render_prompt
 from learndyn.dynamics.residuals import get_loss, loss_value, residual, sequence_logps, wide
@@ -38,7 +41,9 @@ from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe
 from learndyn.scoring import context_length, encode_probes, pack_runs, split_model
 
-_ROWS = 256  # positions whose (V,) distributions are reduced at once
+# Positions reduced at once. (128, V) float32 blocks (25 MB at V=49k) stay under glibc's largest mmap
+# threshold, so the temporaries are reused instead of faulted in afresh: on CPU 2x faster than 256 rows.
+_ROWS = 128
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Sequences:
     ids: list[list[int]]  # prompt + response ids
     starts: list[int]  # index of the first response token in each sequence
     keys: list[tuple[str, str]] = field(default_factory=list)  # (example_id, response_type)
+    prompt: list[int] = field(default_factory=list)  # probes: which prompt; such sequences share ids[:start]
 
 
 @dataclass
@@ -81,9 +87,9 @@ def explain_step(
 
     `rule` defaults to SGD at lr 1e-4 with fresh state; `state` is an optimizer state keyed by
     parameter name (`updates.state_from_optimizer`). The reference model of DPO-style losses
-    defaults to the current model (the first step of a DPO run). Probe sequences go through the
-    model `chunk_tokens` tokens at a time, so memory stays bounded for any probe set. The model
-    is never modified.
+    defaults to the current model (the first step of a DPO run). Probes go through the model about
+    `chunk_tokens` tokens at a time (each prompt once, then its responses), so memory stays bounded
+    for any probe set. The model is never modified.
     """
     import pandas as pd
 
@@ -94,14 +100,13 @@ def explain_step(
     upd = encode_update(update, tokenizer, pairwise=spec.pairwise, max_length=limit)
     obs = _probe_sequences(probes, tokenizer, types, limit)
     timings: dict[str, float] = {}
-    head = _ResponseLogits(model)
     params = {f"lm.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise LearndynError("the model has no trainable parameters")
 
     with _explain_mode(model), _explain_mode(ref_model):
         t0 = time.perf_counter()
-        grads, update_info = _update_gradients(head, params, upd, spec.name, beta, ref_model)
+        grads, update_info = _update_gradients(_ResponseLogits(model), params, upd, spec.name, beta, ref_model)
         full = {n: sum(part[n] for part in grads.values()) for n in params}
         step = plan_step(rule, {n: p.detach() for n, p in params.items()}, full,
                          {f"lm.{n}": s for n, s in (state or {}).items()})
@@ -117,15 +122,21 @@ def explain_step(
         step_norm = sum(float((wide(d) ** 2).sum()) for d in delta.values()) ** 0.5
         if not keep_delta:
             del delta
+        causes = list(tangents)
+        stacked = {n: torch.stack([tangents[k].pop(n) for k in causes]) for n in params}  # (causes, *shape)
+        del tangents
         timings["update_gradient_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        rows = []
-        for batch in _progress(list(_batches(obs, chunk_tokens)), progress, "Explaining"):
-            rows.extend(_explain_batch(head, params, after, tangents, obs, batch, rule, top_k, tokenizer))
+        head, rows = _SharedPromptLogits(model), []
+        token_text = functools.cache(lambda t: tokenizer.decode([t]))
+        for groups in _progress(list(_probe_batches(obs, chunk_tokens)), progress, "Explaining"):
+            batch = _probe_batch(obs, groups, chunk_tokens, model.device)
+            rows.extend(_explain_batch(head, params, after, causes, stacked, obs, batch, rule, top_k, token_text))
         timings["probes_s"] = time.perf_counter() - t0
 
-    positions = pd.DataFrame(rows)
+    order = {key: i for i, key in enumerate(obs.keys)}
+    positions = pd.DataFrame(sorted(rows, key=lambda r: (order[r["example_id"], r["response_type"]], r["position"])))
     changes = _per_response(positions, obs)
     summary = _summary(changes, positions, update_info, rule, spec.name, beta, timings, step_norm)
     kept = {n.removeprefix("lm."): d for n, d in delta.items()} if keep_delta else None
@@ -177,11 +188,12 @@ def encode_update(update: Sequence[Preference], tokenizer: Any, *, pairwise: boo
 
 def _probe_sequences(probes: Sequence[Probe], tokenizer: Any, types: Sequence[str] | None, limit: int | None) -> Sequences:
     seqs = Sequences([], [], [])
-    for enc in encode_probes(probes, tokenizer, types=types, max_length=limit):
+    for k, enc in enumerate(encode_probes(probes, tokenizer, types=types, max_length=limit)):
         for name, ids, _ in enc.responses:
             seqs.ids.append(enc.prompt_ids + ids)
             seqs.starts.append(len(enc.prompt_ids))
             seqs.keys.append((enc.example_id, name))
+            seqs.prompt.append(k)
     if not seqs.ids:
         raise LearndynError("no probe responses to explain (check --types)")
     return seqs
@@ -200,13 +212,11 @@ class _ResponseLogits(torch.nn.Module):
     def __init__(self, model: Any):
         super().__init__()
         self.lm = model
-        self.fused = split_model(model).fused
+        self.split = split_model(model)  # body -> hidden states, head at response positions only (or logits, identity)
 
     def forward(self, ids: Tensor, mask: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-        if self.fused:  # the LM head runs on response positions only
-            states = self.lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            return self.lm.get_output_embeddings()(states[rows, cols])  # (N, V)
-        return self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, cols]
+        states, _ = self.split.body(input_ids=ids, attention_mask=mask, use_cache=False)  # (B, T, D)
+        return self.split.head(states[rows, cols])  # (N, V)
 
 
 def _inputs(seqs: Sequences, index: Sequence[int], device: Any) -> tuple[Tensor, ...]:
@@ -261,66 +271,170 @@ def _reference_logps(ref_model, ids, mask, rows, cols, labels, seq, n_seq, logit
         return sequence_logps(ref_logits, labels, seq, n_seq)
 
 
-def _batches(seqs: Sequences, budget: int) -> Iterator[list[int]]:
-    order = sorted(range(len(seqs.ids)), key=lambda i: len(seqs.ids[i]))
-    for start, stop in pack_runs([len(seqs.ids[i]) for i in order], budget):
-        yield order[start:stop]
+@dataclass
+class _ProbeBatch:
+    """Probe responses that share prompts: the prompts run once, then the responses on their KV cache,
+    in runs of similar length (one forward pass each). N counts the response positions."""
+
+    prompts: Tensor  # (B, P) prompt ids, right-padded
+    lengths: Tensor  # (B,) prompt lengths
+    runs: list[tuple[Tensor, Tensor, Tensor]]  # per run: prompt row (S,), response ids (S, R) padded, lengths (S,)
+    index: list[int]  # the sequence of each response, in run order (the order of the output rows)
+    labels: Tensor  # (N,) the observed token at each response position
+    seq: Tensor  # (N,) which entry of `index` each position belongs to
+    position: Tensor  # (N,) position within the response
 
 
-def _explain_batch(head, params, after, tangents, obs: Sequences, index, rule, top_k, tokenizer) -> list[dict]:
-    """Per position: Δz of every tangent by jvp at θ, and the distribution at θ + Δθ."""
-    ids, mask, rows, cols, labels, seq = _inputs(obs, index, head.lm.device)
+def _probe_batches(seqs: Sequences, budget: int) -> Iterator[list[list[int]]]:
+    """Batches of probe sequences, as lists of groups that share a prompt, of about `budget` tokens.
+
+    A batch costs its padded prompts plus its responses. All responses of a prompt go in one batch
+    (so the prompt runs once), unless they alone pass the budget: then they are split, and the prompt
+    runs once per part. Prompts are taken by length, so their padding stays small.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(seqs.prompt):
+        groups.setdefault(k, []).append(i)
+    size = lambda i: len(seqs.ids[i]) - seqs.starts[i]  # noqa: E731  response tokens
+    parts = []
+    for members in sorted(groups.values(), key=lambda m: seqs.starts[m[0]]):
+        prompt, part, used = seqs.starts[members[0]], [], 0
+        for i in sorted(members, key=size):
+            if part and prompt + used + size(i) > budget:
+                parts.append(part)
+                part, used = [], 0
+            part.append(i)
+            used += size(i)
+        parts.append(part)
+    batch, prompts, responses = [], 0, 0
+    for part in parts:  # ascending prompt length: the newest part has the longest prompt
+        prompt, more = seqs.starts[part[0]], sum(size(i) for i in part)
+        padded = (len(batch) + 1) * prompt + responses + more
+        if batch and (padded > budget or prompts + prompt + responses + more < 0.9 * padded):
+            yield batch
+            batch, prompts, responses = [], 0, 0
+        batch.append(part)
+        prompts, responses = prompts + prompt, responses + more
+    if batch:
+        yield batch
+
+
+def _probe_batch(seqs: Sequences, groups: list[list[int]], budget: int, device: Any) -> _ProbeBatch:
+    """Tensors for one batch of `_probe_batches`: prompt rows, then responses in length-sorted runs."""
+    lengths = [seqs.starts[g[0]] for g in groups]
+    prompts = torch.zeros((len(groups), max(lengths)), dtype=torch.long)
+    for b, g in enumerate(groups):
+        prompts[b, : lengths[b]] = torch.tensor(seqs.ids[g[0]][: lengths[b]])
+    size = lambda i: len(seqs.ids[i]) - seqs.starts[i]  # noqa: E731
+    jobs = sorted(((b, i) for b, g in enumerate(groups) for i in g), key=lambda bi: size(bi[1]))  # (prompt row, seq)
+    response = [seqs.ids[i][seqs.starts[i]:] for _, i in jobs]  # ids incl. EOS: all predicted, all but the last fed
+    runs = []
+    for lo, hi in pack_runs([len(r) for r in response], budget):
+        tokens = torch.zeros((hi - lo, len(response[hi - 1])), dtype=torch.long)  # ascending: the last is the longest
+        for s, r in enumerate(response[lo:hi]):
+            tokens[s, : len(r)] = torch.tensor(r)
+        n = torch.tensor([len(r) for r in response[lo:hi]])
+        runs.append((torch.tensor([b for b, _ in jobs[lo:hi]], device=device), tokens.to(device), n.to(device)))
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return _ProbeBatch(
+        prompts=prompts.to(device), lengths=as_t(lengths), runs=runs, index=[i for _, i in jobs],
+        labels=as_t([t for r in response for t in r]),
+        seq=as_t([s for s, r in enumerate(response) for _ in r]),
+        position=as_t([j for r in response for j in range(len(r))]),
+    )
+
+
+class _SharedPromptLogits(_ResponseLogits):
+    """`_ResponseLogits` for a `_ProbeBatch`: each prompt runs once and its responses continue from its
+    KV cache, the way `scoring._score_batch` does. Under jvp the cache holds the prompt's tangents
+    too, so every output equals that of the full (prompt + response) sequence, value and tangent."""
+
+    def forward(self, batch: _ProbeBatch) -> Tensor:  # type: ignore[override]
+        from transformers import DynamicCache
+
+        device = batch.prompts.device
+        rows, width = batch.prompts.shape
+        at = torch.arange(width, device=device)
+        mask = (at[None, :] < batch.lengths[:, None]).long()  # (B, P)
+        states, cache = self.split.body(input_ids=batch.prompts, attention_mask=mask,
+                                        position_ids=at.expand(rows, -1), use_cache=True)  # (B, P, D)
+        last = states[torch.arange(rows, device=device), batch.lengths - 1]  # (B, D): predicts each first token
+        out = []
+        for owner, tokens, n in batch.runs:  # owner (S,), tokens (S, R), n (S,)
+            h = last[owner][:, None]  # (S, 1, D)
+            at = torch.arange(tokens.shape[1], device=device)
+            if tokens.shape[1] > 1:  # the last token is predicted, never fed
+                fed = (at[None, :-1] < (n - 1)[:, None]).long()  # (S, R-1)
+                own = DynamicCache([(layer.keys[owner], layer.values[owner]) for layer in cache.layers],
+                                   config=self.lm.config)  # each response's copy of its prompt's cache
+                rest, _ = self.split.body(input_ids=tokens[:, :-1], attention_mask=torch.cat([mask[owner], fed], dim=1),
+                                          position_ids=batch.lengths[owner][:, None] + at[None, :-1],
+                                          past_key_values=own, use_cache=True)  # (S, R-1, D)
+                h = torch.cat([h, rest], dim=1)  # (S, R, D)
+            out.append(h[at[None, :] < n[:, None]])  # (Σn, D), response by response
+        return self.split.head(torch.cat(out))  # (N, V)
+
+
+def _explain_batch(head, params, after, causes, stacked, obs: Sequences, batch: _ProbeBatch, rule, top_k,
+                   token_text) -> list[dict]:
+    """Per position: Δz of every cause by jvp at θ, and the distribution at θ + Δθ.
+
+    The jvp is vmapped over the causes (`stacked` holds their tangents on a leading axis), so the
+    logits at θ are computed once rather than once per cause: a jvp costs about three forwards, one
+    for the primal and two for the tangent, and the primal is shared.
+    """
     primal = {n: p.detach() for n, p in params.items()}
-    f = lambda p: functional_call(head, p, (ids, mask, rows, cols))  # noqa: E731
-    dz: dict[str, Tensor] = {}
+    f = lambda p: functional_call(head, p, (batch,))  # noqa: E731
     with torch.no_grad():
-        for name, tangent in tangents.items():
-            z, dz[name] = jvp(f, (primal,), (tangent,))  # (N, V) each
+        z, dz = vmap(lambda t: jvp(f, (primal,), (t,)), out_dims=(None, 0))(stacked)  # (N, V), (causes, N, V)
         z_after = f(after)  # (N, V)
+    dz = dict(zip(causes, dz))
+    where = [(*obs.keys[batch.index[s]], j) for s, j in zip(batch.seq.tolist(), batch.position.tolist())]
     out = []
-    for lo in range(0, len(labels), _ROWS):
+    for lo in range(0, len(batch.labels), _ROWS):
         sl = slice(lo, lo + _ROWS)
-        out.extend(_position_stats(z[sl], {k: v[sl] for k, v in dz.items()}, z_after[sl], labels[sl], seq[sl],
-                                   index, obs, cols[sl], rule, top_k, tokenizer))
+        out.extend(_position_stats(z[sl], {k: v[sl] for k, v in dz.items()}, z_after[sl], batch.labels[sl],
+                                   where[sl], rule, top_k, token_text))
     return out
 
 
-def _position_stats(z, dz, z_after, labels, seq, index, obs, cols, rule, top_k, tokenizer) -> list[dict]:
+def _position_stats(z, dz, z_after, labels, where, rule, top_k, token_text) -> list[dict]:
+    """Statistics of n positions from their logits (n, V); `where` is (example_id, response_type, position)."""
     logp = wide(z).log_softmax(-1)  # (n, V)
     p = logp.exp()
     at = lambda t: t.gather(-1, labels[:, None])[:, 0]  # noqa: E731  value at the observed token
-    a_dz = {k: wide(v) - (p * wide(v)).sum(-1, keepdim=True) for k, v in dz.items()}  # A·Δz: Δlog π, (n, V)
-    total = sum(v for k, v in a_dz.items() if k != "kernel")  # predicted Δ log π_l(v)
+    a_at = lambda v: at(v) - (p * v).sum(-1)  # noqa: E731  [A·Δz]_y = Δ log π(y), A linear in Δz
+    cols_pred = {k: a_at(wide(v)) for k, v in dz.items()}
+    moved = wide(sum(v for k, v in dz.items() if k != "kernel"))  # Δz of the whole step
+    total = moved - (p * moved).sum(-1, keepdim=True)  # predicted Δ log π_l(v), (n, V)
     dp_pred = p * total  # first-order Δπ
     logp_after = wide(z_after).log_softmax(-1)
-    dp_act = logp_after.exp() - p
+    p_after = logp_after.exp()
+    dp_act = p_after - p
     top = p.argmax(-1)
     ent = -(p * logp).sum(-1)
-    cols_pred = {k: at(v) for k, v in a_dz.items()}
     kernel = cols_pred["kernel"] if "kernel" in cols_pred else at(total) / rule.lr  # SGD: Δθ = −η g
     gain_pred = dp_pred.topk(top_k, -1).indices.tolist()
     gain_act = dp_act.topk(top_k, -1).indices.tolist()
-    rows = []
+    at_top = lambda t: t.gather(-1, top[:, None])[:, 0]  # noqa: E731
     stats = {
         "logp": at(logp), "actual": at(logp_after) - at(logp), "predicted": at(total), "kernel": kernel,
         "predicted_from_chosen": cols_pred["from_chosen"],
         "predicted_from_rejected": cols_pred.get("from_rejected", torch.zeros_like(ent)),
         "predicted_from_state": cols_pred.get("from_state", torch.zeros_like(ent)),
-        "argmax_prob": p.gather(-1, top[:, None])[:, 0],
-        "argmax_prob_predicted": dp_pred.gather(-1, top[:, None])[:, 0],
-        "argmax_prob_actual": dp_act.gather(-1, top[:, None])[:, 0],
+        "argmax_prob": at_top(p), "argmax_prob_predicted": at_top(dp_pred), "argmax_prob_actual": at_top(dp_act),
         "entropy": ent, "entropy_predicted": -(dp_pred * logp).sum(-1),
-        "entropy_actual": -(logp_after.exp() * logp_after).sum(-1) - ent,
+        "entropy_actual": -(p_after * logp_after).sum(-1) - ent,
     }
     stats = {k: v.tolist() for k, v in stats.items()}
-    for i in range(len(labels)):
-        example_id, response_type = obs.keys[index[int(seq[i])]]
-        start = obs.starts[index[int(seq[i])]]
-        row = {"example_id": example_id, "response_type": response_type, "position": int(cols[i]) + 1 - start,
-               "token": tokenizer.decode([int(labels[i])]), "argmax_token": tokenizer.decode([int(top[i])])}
+    labels, top = labels.tolist(), top.tolist()
+    rows = []
+    for i, (example_id, response_type, position) in enumerate(where):
+        row = {"example_id": example_id, "response_type": response_type, "position": position,
+               "token": token_text(labels[i]), "argmax_token": token_text(top[i])}
         row.update((k, v[i]) for k, v in stats.items())
-        row["top_gain_predicted"] = [tokenizer.decode([t]) for t in gain_pred[i]]
-        row["top_gain_actual"] = [tokenizer.decode([t]) for t in gain_act[i]]
+        row["top_gain_predicted"] = [token_text(t) for t in gain_pred[i]]
+        row["top_gain_actual"] = [token_text(t) for t in gain_act[i]]
         rows.append(row)
     return rows
 
