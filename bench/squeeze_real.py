@@ -7,8 +7,8 @@ off-policy (the data's rejected response, usually unlikely under the model: a va
 (the model's own greedy response as the rejected one: a peak). Observations are that prompt's probe
 responses (every type the example probes have). Prints, per row and on average, log π of the
 rejected response before the step, and the probability mass the step moves onto each position's
-argmax token (predicted and actual, summed over all probe positions and per token), the part of it
-caused by the rejected residual alone, and the change of log π(chosen).
+argmax token (predicted and actual, summed over all probe positions and per token), the mean
+entropy change and the change of log π(chosen).
 """
 
 from __future__ import annotations
