@@ -1,6 +1,6 @@
 """What explaining one update costs, against the naive route, on the built-in model.
 
-    python bench/explain_cost.py [--responses 32] [--loss dpo] [--optimizer sgd] [--lr 1e-4]
+    python bench/explain_cost.py [--responses 32] [--loss dpo] [--optimizer sgd] [--lr 1e-4] [--probes FILE]
 
 Explains one DPO (or SFT) step on the first example-data pair against the first `--responses` probe
 responses of the example probe set, then takes the naive route in the same run: one backward pass
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from learndyn import build_probes, load_model, load_preferences
+from learndyn import build_probes, load_model, load_preferences, read_probes
 from learndyn.dynamics.explain import (
     _inputs,
     _probe_batch,
@@ -74,11 +74,14 @@ def main() -> None:
     parser.add_argument("--loss", default="dpo")
     parser.add_argument("--optimizer", default="sgd")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--probes", help="A probe file (e.g. the HH probes in ../shared/data, whose prompts are "
+                                         "long transcripts) instead of the example probe set.")
     args = parser.parse_args()
 
     model, tokenizer = load_model()
     prefs = load_preferences("example")
-    probes = first_responses(build_probes(prefs[:8], held_out=load_preferences("example:test")), args.responses)
+    built = read_probes(args.probes) if args.probes else build_probes(prefs[:8], held_out=load_preferences("example:test"))
+    probes = first_responses(built, args.responses)
     n = sum(len(p.responses) for p in probes)
     rule = OptimizerRule(args.optimizer, args.lr)
 
