@@ -19,15 +19,14 @@ import time
 import torch
 
 from learndyn import build_probes, load_model, load_preferences, read_probes
-from learndyn.dynamics.explain import (
-    _inputs,
-    _probe_batch,
-    _probe_batches,
-    _probe_sequences,
-    _ResponseLogits,
-    _SharedPromptLogits,
-    explain_step,
-    predict_naive,
+from learndyn.dynamics.explain import explain_step, predict_naive
+from learndyn.dynamics.sequences import (
+    ResponseLogits,
+    SharedPromptLogits,
+    full_inputs,
+    probe_batch,
+    probe_batches,
+    probe_sequences,
 )
 from learndyn.dynamics.updates import OptimizerRule
 from learndyn.probes.files import Probe
@@ -49,20 +48,20 @@ def first_responses(probes: list[Probe], n: int) -> list[Probe]:
 def forward_time(model, tokenizer, probes, budget: int = 1024) -> tuple[float, float]:
     """One plain no-grad forward over the probes (eager attention, as the explainer runs): every
     sequence in full (length-sorted batches), then each prompt once with its responses on its cache."""
-    obs = _probe_sequences(probes, tokenizer, None, None)
+    obs = probe_sequences(probes, tokenizer, None, None)
     order = sorted(range(len(obs.ids)), key=lambda i: len(obs.ids[i]))
     attn = model.config._attn_implementation
     model.set_attn_implementation("eager")
     with torch.no_grad():
         start = time.perf_counter()
-        full = _ResponseLogits(model)
+        full = ResponseLogits(model)
         for lo, hi in pack_runs([len(obs.ids[i]) for i in order], budget):
-            full(*_inputs(obs, order[lo:hi], model.device)[:4])
+            full(*full_inputs(obs, order[lo:hi], model.device)[:4])
         full_s = time.perf_counter() - start
         start = time.perf_counter()
-        shared = _SharedPromptLogits(model)
-        for groups in _probe_batches(obs, budget):
-            shared(_probe_batch(obs, groups, budget, model.device))
+        shared = SharedPromptLogits(model)
+        for groups in probe_batches(obs, budget):
+            shared(probe_batch(obs, groups, budget, model.device))
         shared_s = time.perf_counter() - start
     model.set_attn_implementation(attn)
     return full_s, shared_s

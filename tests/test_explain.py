@@ -5,16 +5,14 @@ import torch
 from conftest import make_tiny_tokenizer
 
 from learndyn.data import Preference
-from learndyn.dynamics.explain import (
-    _explain_mode,
-    _inputs,
-    _probe_batch,
-    _probe_batches,
-    _probe_sequences,
-    _ResponseLogits,
-    _SharedPromptLogits,
-    explain_step,
-    predict_naive,
+from learndyn.dynamics.explain import _explain_mode, explain_step, predict_naive
+from learndyn.dynamics.sequences import (
+    ResponseLogits,
+    SharedPromptLogits,
+    full_inputs,
+    probe_batch,
+    probe_batches,
+    probe_sequences,
 )
 from learndyn.dynamics.updates import OptimizerRule
 from learndyn.errors import LearndynError
@@ -126,16 +124,16 @@ def test_prompt_sharing_equals_full_sequences(request, fixture, budget, fused):
     model, tok = request.getfixturevalue(fixture)
     model.double()
     probes = [*PROBES, Probe("short", "H", {"chosen": " Hi there.", "rejected": ""})]  # 1-token prompt, EOS-only reply
-    obs = _probe_sequences(probes, tok, None, None)
+    obs = probe_sequences(probes, tok, None, None)
     assert obs.starts[-1] == 1 and len(obs.ids[-1]) == 2
     split = split_model(model)
     was, split.fused = split.fused, fused
     params = {f"lm.{n}": p.detach() for n, p in model.named_parameters()}
     torch.manual_seed(1)
     tangent = {n: torch.randn_like(p) for n, p in params.items()}
-    full, shared = _ResponseLogits(model), _SharedPromptLogits(model)
+    full, shared = ResponseLogits(model), SharedPromptLogits(model)
     tol = 1e-12 if fixture == "tiny_gpt2" else 1e-6  # relative, in norm (Llama: float32 softmax, see above)
-    batches = list(_probe_batches(obs, budget))
+    batches = list(probe_batches(obs, budget))
     if budget == 1:
         assert len(batches) == len(obs.ids)
     else:  # each prompt's responses together, and prompts together
@@ -143,9 +141,9 @@ def test_prompt_sharing_equals_full_sequences(request, fixture, budget, fused):
     try:
         with _explain_mode(model), torch.no_grad():
             for groups in batches:
-                batch = _probe_batch(obs, groups, budget, model.device)
+                batch = probe_batch(obs, groups, budget, model.device)
                 z, dz = torch.func.jvp(lambda p: torch.func.functional_call(shared, p, (batch,)), (params,), (tangent,))
-                ids, mask, rows, cols, labels, _ = _inputs(obs, batch.index, model.device)
+                ids, mask, rows, cols, labels, _ = full_inputs(obs, batch.index, model.device)
                 z_ref, dz_ref = torch.func.jvp(lambda p: torch.func.functional_call(full, p, (ids, mask, rows, cols)),
                                                (params,), (tangent,))
                 assert torch.equal(batch.labels, labels)

@@ -27,33 +27,36 @@ import functools
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, jvp, vmap
 
-from learndyn.data import Preference, render_prompt
+from learndyn.data import Preference
 from learndyn.dynamics.residuals import get_loss, loss_value, residual, sequence_logps, wide
+from learndyn.dynamics.sequences import (
+    ProbeBatch,
+    ResponseLogits,
+    Sequences,
+    SharedPromptLogits,
+    check_tokenizer,
+    encode_update,
+    full_inputs,
+    probe_batch,
+    probe_batches,
+    probe_sequences,
+)
 from learndyn.dynamics.updates import OptimizerRule, plan_step
 from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe
-from learndyn.scoring import context_length, encode_probes, pack_runs, split_model
+from learndyn.scoring import context_length
 
 # Positions reduced at once. (128, V) float32 blocks (25 MB at V=49k) stay under glibc's largest mmap
 # threshold, so the temporaries are reused instead of faulted in afresh: on CPU 2x faster than 256 rows.
 _ROWS = 128
 
-
-@dataclass
-class Sequences:
-    """Token sequences (prompt + response) with what each response position predicts."""
-
-    ids: list[list[int]]  # prompt + response ids
-    starts: list[int]  # index of the first response token in each sequence
-    keys: list[tuple[str, str]] = field(default_factory=list)  # (example_id, response_type)
-    prompt: list[int] = field(default_factory=list)  # probes: which prompt; such sequences share ids[:start]
 
 
 @dataclass
@@ -96,9 +99,9 @@ def explain_step(
     rule = rule or OptimizerRule()
     spec = get_loss(loss)
     limit = context_length(model)
-    _check_tokenizer(model, tokenizer)
+    check_tokenizer(model, tokenizer)
     upd = encode_update(update, tokenizer, pairwise=spec.pairwise, max_length=limit)
-    obs = _probe_sequences(probes, tokenizer, types, limit)
+    obs = probe_sequences(probes, tokenizer, types, limit)
     timings: dict[str, float] = {}
     params = {f"lm.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
@@ -106,7 +109,7 @@ def explain_step(
 
     with _explain_mode(model), _explain_mode(ref_model):
         t0 = time.perf_counter()
-        grads, update_info = _update_gradients(_ResponseLogits(model), params, upd, spec.name, beta, ref_model)
+        grads, update_info = _update_gradients(ResponseLogits(model), params, upd, spec.name, beta, ref_model)
         full = {n: sum(part[n] for part in grads.values()) for n in params}
         step = plan_step(rule, {n: p.detach() for n, p in params.items()}, full,
                          {f"lm.{n}": s for n, s in (state or {}).items()})
@@ -128,10 +131,10 @@ def explain_step(
         timings["update_gradient_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        head, rows = _SharedPromptLogits(model), []
+        head, rows = SharedPromptLogits(model), []
         token_text = functools.cache(lambda t: tokenizer.decode([t]))
-        for groups in _progress(list(_probe_batches(obs, chunk_tokens)), progress, "Explaining"):
-            batch = _probe_batch(obs, groups, chunk_tokens, model.device)
+        for groups in _progress(list(probe_batches(obs, chunk_tokens)), progress, "Explaining"):
+            batch = probe_batch(obs, groups, chunk_tokens, model.device)
             rows.extend(_explain_batch(head, params, after, causes, stacked, obs, batch, rule, top_k, token_text))
         timings["probes_s"] = time.perf_counter() - t0
 
@@ -149,13 +152,13 @@ def predict_naive(model: Any, tokenizer: Any, probes: Sequence[Probe], delta: di
     ∇θ log π(y), then its dot product with Δθ. Costs a forward and a backward per response."""
     import pandas as pd
 
-    obs = _probe_sequences(probes, tokenizer, types, context_length(model))
-    head = _ResponseLogits(model)
+    obs = probe_sequences(probes, tokenizer, types, context_length(model))
+    head = ResponseLogits(model)
     params = {n: p for n, p in model.named_parameters() if n in delta}
     rows = []
     with _explain_mode(model), torch.enable_grad():
         for i, key in enumerate(obs.keys):
-            ids, mask, r, c, labels, seq = _inputs(obs, [i], model.device)
+            ids, mask, r, c, labels, seq = full_inputs(obs, [i], model.device)
             logp = sequence_logps(head(ids, mask, r, c), labels, seq, 1)[0]
             grads = torch.autograd.grad(logp, list(params.values()), allow_unused=True)
             dot = sum(float((g.double() * delta[n].double()).sum()) for n, g in zip(params, grads) if g is not None)
@@ -163,85 +166,10 @@ def predict_naive(model: Any, tokenizer: Any, probes: Sequence[Probe], delta: di
     return pd.DataFrame(rows)
 
 
-def encode_update(update: Sequence[Preference], tokenizer: Any, *, pairwise: bool, max_length: int | None) -> Sequences:
-    """Chosen responses (then, for pairwise losses, the rejected ones in the same order)."""
-    if not update:
-        raise LearndynError("the update batch is empty")
-    seqs = Sequences([], [], [])
-    sides = ("chosen", "rejected") if pairwise else ("chosen",)
-    for side in sides:
-        for pref in update:
-            text = pref.chosen if side == "chosen" else pref.rejected
-            if text is None:
-                raise LearndynError(f"update example '{pref.example_id}' has no rejected response; "
-                                    "the loss needs one (use --loss sft, or data with rejected)")
-            prompt = tokenizer(render_prompt(pref.prompt, tokenizer), add_special_tokens=isinstance(pref.prompt, str))["input_ids"]
-            response = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            if max_length is not None and len(prompt) + len(response) > max_length:
-                raise LearndynError(f"update example '{pref.example_id}' ({side}) is {len(prompt) + len(response)} "
-                                    f"tokens, longer than the model's context of {max_length}")
-            seqs.ids.append(prompt + response)
-            seqs.starts.append(len(prompt))
-            seqs.keys.append((pref.example_id, side))
-    return seqs
-
-
-def _probe_sequences(probes: Sequence[Probe], tokenizer: Any, types: Sequence[str] | None, limit: int | None) -> Sequences:
-    seqs = Sequences([], [], [])
-    for k, enc in enumerate(encode_probes(probes, tokenizer, types=types, max_length=limit)):
-        for name, ids, _ in enc.responses:
-            seqs.ids.append(enc.prompt_ids + ids)
-            seqs.starts.append(len(enc.prompt_ids))
-            seqs.keys.append((enc.example_id, name))
-            seqs.prompt.append(k)
-    if not seqs.ids:
-        raise LearndynError("no probe responses to explain (check --types)")
-    return seqs
-
-
-def _check_tokenizer(model: Any, tokenizer: Any) -> None:
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise LearndynError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {rows}: "
-                            "they do not belong together")
-
-
-class _ResponseLogits(torch.nn.Module):
-    """Logits at response positions only, as a module so that `functional_call` can swap θ."""
-
-    def __init__(self, model: Any):
-        super().__init__()
-        self.lm = model
-        self.split = split_model(model)  # body -> hidden states, head at response positions only (or logits, identity)
-
-    def forward(self, ids: Tensor, mask: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-        states, _ = self.split.body(input_ids=ids, attention_mask=mask, use_cache=False)  # (B, T, D)
-        return self.split.head(states[rows, cols])  # (N, V)
-
-
-def _inputs(seqs: Sequences, index: Sequence[int], device: Any) -> tuple[Tensor, ...]:
-    """Right-padded ids and mask, and (row, col, label, seq) of every response position."""
-    width = max(len(seqs.ids[i]) for i in index)
-    ids = torch.zeros((len(index), width), dtype=torch.long)
-    mask = torch.zeros((len(index), width), dtype=torch.long)
-    rows, cols, labels, seq = [], [], [], []
-    for b, i in enumerate(index):
-        tokens, start = seqs.ids[i], seqs.starts[i]
-        ids[b, : len(tokens)] = torch.tensor(tokens)
-        mask[b, : len(tokens)] = 1
-        n = len(tokens) - start
-        rows += [b] * n
-        cols += range(start - 1, len(tokens) - 1)  # position l-1 predicts token l
-        labels += tokens[start:]
-        seq += [b] * n
-    as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-    return ids.to(device), mask.to(device), as_t(rows), as_t(cols), as_t(labels), as_t(seq)
-
-
-def _update_gradients(head: _ResponseLogits, params: dict[str, Tensor], upd: Sequences, loss: str, beta: float,
+def _update_gradients(head: ResponseLogits, params: dict[str, Tensor], upd: Sequences, loss: str, beta: float,
                       ref_model: Any) -> tuple[dict[str, dict[str, Tensor]], dict]:
     """g⁺ (and g⁻) = Jᵀ G⁺ (G⁻): one forward, then one backward per residual part."""
-    ids, mask, rows, cols, labels, seq = _inputs(upd, range(len(upd.ids)), head.lm.device)
+    ids, mask, rows, cols, labels, seq = full_inputs(upd, range(len(upd.ids)), head.lm.device)
     n_seq = len(upd.ids)
     with torch.enable_grad():
         logits = head(ids, mask, rows, cols)  # (N, V)
@@ -267,115 +195,11 @@ def _update_gradients(head: _ResponseLogits, params: dict[str, Tensor], upd: Seq
 def _reference_logps(ref_model, ids, mask, rows, cols, labels, seq, n_seq, logits) -> Tensor:
     """log π_ref of the update sequences; without a reference model, the current model's (h = 0)."""
     with torch.no_grad():
-        ref_logits = logits.detach() if ref_model is None else _ResponseLogits(ref_model)(ids, mask, rows, cols)
+        ref_logits = logits.detach() if ref_model is None else ResponseLogits(ref_model)(ids, mask, rows, cols)
         return sequence_logps(ref_logits, labels, seq, n_seq)
 
 
-@dataclass
-class _ProbeBatch:
-    """Probe responses that share prompts: the prompts run once, then the responses on their KV cache,
-    in runs of similar length (one forward pass each). N counts the response positions."""
-
-    prompts: Tensor  # (B, P) prompt ids, right-padded
-    lengths: Tensor  # (B,) prompt lengths
-    runs: list[tuple[Tensor, Tensor, Tensor]]  # per run: prompt row (S,), response ids (S, R) padded, lengths (S,)
-    index: list[int]  # the sequence of each response, in run order (the order of the output rows)
-    labels: Tensor  # (N,) the observed token at each response position
-    seq: Tensor  # (N,) which entry of `index` each position belongs to
-    position: Tensor  # (N,) position within the response
-
-
-def _probe_batches(seqs: Sequences, budget: int) -> Iterator[list[list[int]]]:
-    """Batches of probe sequences, as lists of groups that share a prompt, of about `budget` tokens.
-
-    A batch costs its padded prompts plus its responses. All responses of a prompt go in one batch
-    (so the prompt runs once), unless they alone pass the budget: then they are split, and the prompt
-    runs once per part. Prompts are taken by length, so their padding stays small.
-    """
-    groups: dict[int, list[int]] = {}
-    for i, k in enumerate(seqs.prompt):
-        groups.setdefault(k, []).append(i)
-    size = lambda i: len(seqs.ids[i]) - seqs.starts[i]  # noqa: E731  response tokens
-    parts = []
-    for members in sorted(groups.values(), key=lambda m: seqs.starts[m[0]]):
-        prompt, part, used = seqs.starts[members[0]], [], 0
-        for i in sorted(members, key=size):
-            if part and prompt + used + size(i) > budget:
-                parts.append(part)
-                part, used = [], 0
-            part.append(i)
-            used += size(i)
-        parts.append(part)
-    batch, prompts, responses = [], 0, 0
-    for part in parts:  # ascending prompt length: the newest part has the longest prompt
-        prompt, more = seqs.starts[part[0]], sum(size(i) for i in part)
-        padded = (len(batch) + 1) * prompt + responses + more
-        if batch and (padded > budget or prompts + prompt + responses + more < 0.9 * padded):
-            yield batch
-            batch, prompts, responses = [], 0, 0
-        batch.append(part)
-        prompts, responses = prompts + prompt, responses + more
-    if batch:
-        yield batch
-
-
-def _probe_batch(seqs: Sequences, groups: list[list[int]], budget: int, device: Any) -> _ProbeBatch:
-    """Tensors for one batch of `_probe_batches`: prompt rows, then responses in length-sorted runs."""
-    lengths = [seqs.starts[g[0]] for g in groups]
-    prompts = torch.zeros((len(groups), max(lengths)), dtype=torch.long)
-    for b, g in enumerate(groups):
-        prompts[b, : lengths[b]] = torch.tensor(seqs.ids[g[0]][: lengths[b]])
-    size = lambda i: len(seqs.ids[i]) - seqs.starts[i]  # noqa: E731
-    jobs = sorted(((b, i) for b, g in enumerate(groups) for i in g), key=lambda bi: size(bi[1]))  # (prompt row, seq)
-    response = [seqs.ids[i][seqs.starts[i]:] for _, i in jobs]  # ids incl. EOS: all predicted, all but the last fed
-    runs = []
-    for lo, hi in pack_runs([len(r) for r in response], budget):
-        tokens = torch.zeros((hi - lo, len(response[hi - 1])), dtype=torch.long)  # ascending: the last is the longest
-        for s, r in enumerate(response[lo:hi]):
-            tokens[s, : len(r)] = torch.tensor(r)
-        n = torch.tensor([len(r) for r in response[lo:hi]])
-        runs.append((torch.tensor([b for b, _ in jobs[lo:hi]], device=device), tokens.to(device), n.to(device)))
-    as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-    return _ProbeBatch(
-        prompts=prompts.to(device), lengths=as_t(lengths), runs=runs, index=[i for _, i in jobs],
-        labels=as_t([t for r in response for t in r]),
-        seq=as_t([s for s, r in enumerate(response) for _ in r]),
-        position=as_t([j for r in response for j in range(len(r))]),
-    )
-
-
-class _SharedPromptLogits(_ResponseLogits):
-    """`_ResponseLogits` for a `_ProbeBatch`: each prompt runs once and its responses continue from its
-    KV cache, the way `scoring._score_batch` does. Under jvp the cache holds the prompt's tangents
-    too, so every output equals that of the full (prompt + response) sequence, value and tangent."""
-
-    def forward(self, batch: _ProbeBatch) -> Tensor:  # type: ignore[override]
-        from transformers import DynamicCache
-
-        device = batch.prompts.device
-        rows, width = batch.prompts.shape
-        at = torch.arange(width, device=device)
-        mask = (at[None, :] < batch.lengths[:, None]).long()  # (B, P)
-        states, cache = self.split.body(input_ids=batch.prompts, attention_mask=mask,
-                                        position_ids=at.expand(rows, -1), use_cache=True)  # (B, P, D)
-        last = states[torch.arange(rows, device=device), batch.lengths - 1]  # (B, D): predicts each first token
-        out = []
-        for owner, tokens, n in batch.runs:  # owner (S,), tokens (S, R), n (S,)
-            h = last[owner][:, None]  # (S, 1, D)
-            at = torch.arange(tokens.shape[1], device=device)
-            if tokens.shape[1] > 1:  # the last token is predicted, never fed
-                fed = (at[None, :-1] < (n - 1)[:, None]).long()  # (S, R-1)
-                own = DynamicCache([(layer.keys[owner], layer.values[owner]) for layer in cache.layers],
-                                   config=self.lm.config)  # each response's copy of its prompt's cache
-                rest, _ = self.split.body(input_ids=tokens[:, :-1], attention_mask=torch.cat([mask[owner], fed], dim=1),
-                                          position_ids=batch.lengths[owner][:, None] + at[None, :-1],
-                                          past_key_values=own, use_cache=True)  # (S, R-1, D)
-                h = torch.cat([h, rest], dim=1)  # (S, R, D)
-            out.append(h[at[None, :] < n[:, None]])  # (Σn, D), response by response
-        return self.split.head(torch.cat(out))  # (N, V)
-
-
-def _explain_batch(head, params, after, causes, stacked, obs: Sequences, batch: _ProbeBatch, rule, top_k,
+def _explain_batch(head, params, after, causes, stacked, obs: Sequences, batch: ProbeBatch, rule, top_k,
                    token_text) -> list[dict]:
     """Per position: Δz of every cause by jvp at θ, and the distribution at θ + Δθ.
 

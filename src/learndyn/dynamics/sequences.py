@@ -1,0 +1,210 @@
+"""Token sequences and batches for the explainer's passes through the model.
+
+Full sequences (prompt + response, right-padded) serve the update batch and the naive route; probe
+batches run each prompt once and its responses on the prompt's KV cache, as `scoring.py` does, so
+that the jvp over the probes does little repeated prompt work. `ResponseLogits` and
+`SharedPromptLogits` are modules so that `torch.func.functional_call` can swap the parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from learndyn.data import Preference, render_prompt
+from learndyn.errors import LearndynError
+from learndyn.probes.files import Probe
+from learndyn.scoring import encode_probes, pack_runs, split_model
+
+
+@dataclass
+class Sequences:
+    """Token sequences (prompt + response) with what each response position predicts."""
+
+    ids: list[list[int]]  # prompt + response ids
+    starts: list[int]  # index of the first response token in each sequence
+    keys: list[tuple[str, str]] = field(default_factory=list)  # (example_id, response_type)
+    prompt: list[int] = field(default_factory=list)  # probes: which prompt; such sequences share ids[:start]
+
+
+def encode_update(update: Sequence[Preference], tokenizer: Any, *, pairwise: bool, max_length: int | None) -> Sequences:
+    """Chosen responses (then, for pairwise losses, the rejected ones in the same order)."""
+    if not update:
+        raise LearndynError("the update batch is empty")
+    seqs = Sequences([], [], [])
+    sides = ("chosen", "rejected") if pairwise else ("chosen",)
+    for side in sides:
+        for pref in update:
+            text = pref.chosen if side == "chosen" else pref.rejected
+            if text is None:
+                raise LearndynError(f"update example '{pref.example_id}' has no rejected response; "
+                                    "the loss needs one (use --loss sft, or data with rejected)")
+            prompt = tokenizer(render_prompt(pref.prompt, tokenizer), add_special_tokens=isinstance(pref.prompt, str))["input_ids"]
+            response = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            if max_length is not None and len(prompt) + len(response) > max_length:
+                raise LearndynError(f"update example '{pref.example_id}' ({side}) is {len(prompt) + len(response)} "
+                                    f"tokens, longer than the model's context of {max_length}")
+            seqs.ids.append(prompt + response)
+            seqs.starts.append(len(prompt))
+            seqs.keys.append((pref.example_id, side))
+    return seqs
+
+
+def probe_sequences(probes: Sequence[Probe], tokenizer: Any, types: Sequence[str] | None, limit: int | None) -> Sequences:
+    seqs = Sequences([], [], [])
+    for k, enc in enumerate(encode_probes(probes, tokenizer, types=types, max_length=limit)):
+        for name, ids, _ in enc.responses:
+            seqs.ids.append(enc.prompt_ids + ids)
+            seqs.starts.append(len(enc.prompt_ids))
+            seqs.keys.append((enc.example_id, name))
+            seqs.prompt.append(k)
+    if not seqs.ids:
+        raise LearndynError("no probe responses to explain (check --types)")
+    return seqs
+
+
+def check_tokenizer(model: Any, tokenizer: Any) -> None:
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise LearndynError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {rows}: "
+                            "they do not belong together")
+
+
+class ResponseLogits(torch.nn.Module):
+    """Logits at response positions only, as a module so that `functional_call` can swap θ."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.lm = model
+        self.split = split_model(model)  # body -> hidden states, head at response positions only (or logits, identity)
+
+    def forward(self, ids: Tensor, mask: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        states, _ = self.split.body(input_ids=ids, attention_mask=mask, use_cache=False)  # (B, T, D)
+        return self.split.head(states[rows, cols])  # (N, V)
+
+
+def full_inputs(seqs: Sequences, index: Sequence[int], device: Any) -> tuple[Tensor, ...]:
+    """Right-padded ids and mask, and (row, col, label, seq) of every response position."""
+    width = max(len(seqs.ids[i]) for i in index)
+    ids = torch.zeros((len(index), width), dtype=torch.long)
+    mask = torch.zeros((len(index), width), dtype=torch.long)
+    rows, cols, labels, seq = [], [], [], []
+    for b, i in enumerate(index):
+        tokens, start = seqs.ids[i], seqs.starts[i]
+        ids[b, : len(tokens)] = torch.tensor(tokens)
+        mask[b, : len(tokens)] = 1
+        n = len(tokens) - start
+        rows += [b] * n
+        cols += range(start - 1, len(tokens) - 1)  # position l-1 predicts token l
+        labels += tokens[start:]
+        seq += [b] * n
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return ids.to(device), mask.to(device), as_t(rows), as_t(cols), as_t(labels), as_t(seq)
+
+
+@dataclass
+class ProbeBatch:
+    """Probe responses that share prompts: the prompts run once, then the responses on their KV cache,
+    in runs of similar length (one forward pass each). N counts the response positions."""
+
+    prompts: Tensor  # (B, P) prompt ids, right-padded
+    lengths: Tensor  # (B,) prompt lengths
+    runs: list[tuple[Tensor, Tensor, Tensor]]  # per run: prompt row (S,), response ids (S, R) padded, lengths (S,)
+    index: list[int]  # the sequence of each response, in run order (the order of the output rows)
+    labels: Tensor  # (N,) the observed token at each response position
+    seq: Tensor  # (N,) which entry of `index` each position belongs to
+    position: Tensor  # (N,) position within the response
+
+
+def probe_batches(seqs: Sequences, budget: int) -> Iterator[list[list[int]]]:
+    """Batches of probe sequences, as lists of groups that share a prompt, of about `budget` tokens.
+
+    A batch costs its padded prompts plus its responses. All responses of a prompt go in one batch
+    (so the prompt runs once), unless they alone pass the budget: then they are split, and the prompt
+    runs once per part. Prompts are taken by length, so their padding stays small.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(seqs.prompt):
+        groups.setdefault(k, []).append(i)
+    size = lambda i: len(seqs.ids[i]) - seqs.starts[i]  # noqa: E731  response tokens
+    parts = []
+    for members in sorted(groups.values(), key=lambda m: seqs.starts[m[0]]):
+        prompt, part, used = seqs.starts[members[0]], [], 0
+        for i in sorted(members, key=size):
+            if part and prompt + used + size(i) > budget:
+                parts.append(part)
+                part, used = [], 0
+            part.append(i)
+            used += size(i)
+        parts.append(part)
+    batch, prompts, responses = [], 0, 0
+    for part in parts:  # ascending prompt length: the newest part has the longest prompt
+        prompt, more = seqs.starts[part[0]], sum(size(i) for i in part)
+        padded = (len(batch) + 1) * prompt + responses + more
+        if batch and (padded > budget or prompts + prompt + responses + more < 0.9 * padded):
+            yield batch
+            batch, prompts, responses = [], 0, 0
+        batch.append(part)
+        prompts, responses = prompts + prompt, responses + more
+    if batch:
+        yield batch
+
+
+def probe_batch(seqs: Sequences, groups: list[list[int]], budget: int, device: Any) -> ProbeBatch:
+    """Tensors for one batch of `probe_batches`: prompt rows, then responses in length-sorted runs."""
+    lengths = [seqs.starts[g[0]] for g in groups]
+    prompts = torch.zeros((len(groups), max(lengths)), dtype=torch.long)
+    for b, g in enumerate(groups):
+        prompts[b, : lengths[b]] = torch.tensor(seqs.ids[g[0]][: lengths[b]])
+    size = lambda i: len(seqs.ids[i]) - seqs.starts[i]  # noqa: E731
+    jobs = sorted(((b, i) for b, g in enumerate(groups) for i in g), key=lambda bi: size(bi[1]))  # (prompt row, seq)
+    response = [seqs.ids[i][seqs.starts[i]:] for _, i in jobs]  # ids incl. EOS: all predicted, all but the last fed
+    runs = []
+    for lo, hi in pack_runs([len(r) for r in response], budget):
+        tokens = torch.zeros((hi - lo, len(response[hi - 1])), dtype=torch.long)  # ascending: the last is the longest
+        for s, r in enumerate(response[lo:hi]):
+            tokens[s, : len(r)] = torch.tensor(r)
+        n = torch.tensor([len(r) for r in response[lo:hi]])
+        runs.append((torch.tensor([b for b, _ in jobs[lo:hi]], device=device), tokens.to(device), n.to(device)))
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return ProbeBatch(
+        prompts=prompts.to(device), lengths=as_t(lengths), runs=runs, index=[i for _, i in jobs],
+        labels=as_t([t for r in response for t in r]),
+        seq=as_t([s for s, r in enumerate(response) for _ in r]),
+        position=as_t([j for r in response for j in range(len(r))]),
+    )
+
+
+class SharedPromptLogits(ResponseLogits):
+    """`ResponseLogits` for a `ProbeBatch`: each prompt runs once and its responses continue from its
+    KV cache, the way `scoring._score_batch` does. Under jvp the cache holds the prompt's tangents
+    too, so every output equals that of the full (prompt + response) sequence, value and tangent."""
+
+    def forward(self, batch: ProbeBatch) -> Tensor:  # type: ignore[override]
+        from transformers import DynamicCache
+
+        device = batch.prompts.device
+        rows, width = batch.prompts.shape
+        at = torch.arange(width, device=device)
+        mask = (at[None, :] < batch.lengths[:, None]).long()  # (B, P)
+        states, cache = self.split.body(input_ids=batch.prompts, attention_mask=mask,
+                                        position_ids=at.expand(rows, -1), use_cache=True)  # (B, P, D)
+        last = states[torch.arange(rows, device=device), batch.lengths - 1]  # (B, D): predicts each first token
+        out = []
+        for owner, tokens, n in batch.runs:  # owner (S,), tokens (S, R), n (S,)
+            h = last[owner][:, None]  # (S, 1, D)
+            at = torch.arange(tokens.shape[1], device=device)
+            if tokens.shape[1] > 1:  # the last token is predicted, never fed
+                fed = (at[None, :-1] < (n - 1)[:, None]).long()  # (S, R-1)
+                own = DynamicCache([(layer.keys[owner], layer.values[owner]) for layer in cache.layers],
+                                   config=self.lm.config)  # each response's copy of its prompt's cache
+                rest, _ = self.split.body(input_ids=tokens[:, :-1], attention_mask=torch.cat([mask[owner], fed], dim=1),
+                                          position_ids=batch.lengths[owner][:, None] + at[None, :-1],
+                                          past_key_values=own, use_cache=True)  # (S, R-1, D)
+                h = torch.cat([h, rest], dim=1)  # (S, R, D)
+            out.append(h[at[None, :] < n[:, None]])  # (Σn, D), response by response
+        return self.split.head(torch.cat(out))  # (N, V)
