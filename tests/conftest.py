@@ -10,6 +10,10 @@ uses one, torch runs on a single thread (faster for models this small, and immun
 from __future__ import annotations
 
 import functools
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -118,3 +122,38 @@ def tiny_folder(tiny_llama, tmp_path):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class ChatServer:
+    """A loopback HTTP server for tests of OpenAI-compatible clients. `respond(request)` gets
+    {"path", "headers", "body"} (the body parsed from JSON) and returns (status, reply): a dict is
+    sent as JSON, bytes as they are. `url` is the base URL (…/v1); `close()` stops the server."""
+
+    def __init__(self, respond: Callable[[dict], tuple[int, object]]):
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                status, reply = respond({"path": self.path, "headers": dict(self.headers), "body": body})
+                data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout tests)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)

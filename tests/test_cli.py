@@ -10,12 +10,11 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import ChatServer
 
 from learndyn.vocab import TYPE_NAMES
 
@@ -154,39 +153,19 @@ def test_error_line_shows_user_text_with_brackets_verbatim(tmp_path, bracketed):
 # ---------------------------------------------------------------- an interrupted rephrase, resumed
 
 
-class FakeEndpoint:
+class FakeEndpoint(ChatServer):
     """A local OpenAI-compatible endpoint: rewrites any text as "R: text", or answers HTTP 400
     (not retried, so a failure is instant) while `fail` is set."""
 
     def __init__(self):
         self.fail = False
-        endpoint = self
+        super().__init__(self._respond)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                if endpoint.fail:
-                    status, reply = 400, {"error": {"message": "quota exceeded"}}
-                else:
-                    text = body["messages"][-1]["content"].split("\n\nText: ", 1)[1]
-                    status, reply = 200, {"choices": [{"message": {"role": "assistant", "content": f"R: {text}"}}]}
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def _respond(self, request: dict) -> tuple[int, object]:
+        if self.fail:
+            return 400, {"error": {"message": "quota exceeded"}}
+        text = request["body"]["messages"][-1]["content"].split("\n\nText: ", 1)[1]
+        return 200, {"choices": [{"message": {"role": "assistant", "content": f"R: {text}"}}]}
 
 
 @pytest.fixture

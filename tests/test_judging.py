@@ -10,10 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import ChatServer
 
 from learndyn.errors import LearndynError
 from learndyn.judging import (
@@ -36,7 +36,7 @@ PROMPTS = ["How do I boil an egg?", "What is a horseshoe?", "Name a prime number
 # ---------------------------------------------------------------- a judge server on loopback
 
 
-class JudgeServer:
+class JudgeServer(ChatServer):
     """An OpenAI-compatible endpoint. `answer(first, second, n)` gets the two responses as shown
     (first = "Response A") and the request number, and returns the reply text, or (status, body)
     for an HTTP error. Requests are kept in `requests` as (first, second, headers)."""
@@ -45,40 +45,17 @@ class JudgeServer:
         self.answer = answer
         self.requests: list[tuple[str, str, dict]] = []
         self.lock = threading.Lock()
-        server = self
+        super().__init__(self._respond)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                text = body["messages"][-1]["content"]
-                first = text.split("[Response A]\n", 1)[1].split("\n\n[Response B]\n", 1)[0]
-                second = text.split("[Response B]\n", 1)[1].rsplit("\n\n", 1)[0]
-                with server.lock:
-                    server.requests.append((first, second, dict(self.headers)))
-                    n = len(server.requests)
-                reply = server.answer(first, second, n)
-                status, data = (reply if isinstance(reply, tuple) else
-                                (200, {"choices": [{"message": {"role": "assistant", "content": reply}}]}))
-                raw = json.dumps(data).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+    def _respond(self, request: dict) -> tuple[int, object]:
+        text = request["body"]["messages"][-1]["content"]
+        first = text.split("[Response A]\n", 1)[1].split("\n\n[Response B]\n", 1)[0]
+        second = text.split("[Response B]\n", 1)[1].rsplit("\n\n", 1)[0]
+        with self.lock:
+            self.requests.append((first, second, request["headers"]))
+            n = len(self.requests)
+        reply = self.answer(first, second, n)
+        return reply if isinstance(reply, tuple) else (200, {"choices": [{"message": {"role": "assistant", "content": reply}}]})
 
 
 def prefers_good(first: str, second: str, n: int) -> str:

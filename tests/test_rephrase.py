@@ -1,10 +1,8 @@
-import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import ChatServer
 
 from learndyn.errors import LearndynError
 from learndyn.probes.rephrase import (
@@ -20,7 +18,7 @@ from learndyn.probes.rephrase import (
 KEY = "sk-test-0123456789secret"
 
 
-class FakeServer:
+class FakeServer(ChatServer):
     """An OpenAI-compatible endpoint on 127.0.0.1 whose replies each test scripts.
 
     `replies` is a list of (status, body) used in turn (the last one repeats); a body that is a
@@ -31,39 +29,14 @@ class FakeServer:
         self.replies: list[tuple[int, object]] = [(200, _completion("ok"))]
         self.delay = 0.0
         self.requests: list[dict] = []
-        server = self
+        super().__init__(self._respond)
+        self.base_url = self.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
-                time.sleep(server.delay)
-                status, reply = server.replies[min(len(server.requests), len(server.replies)) - 1]
-                if callable(reply):
-                    reply = reply(json.loads(body))
-                data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (the timeout test)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+    def _respond(self, request: dict) -> tuple[int, object]:
+        self.requests.append(request)
+        time.sleep(self.delay)
+        status, reply = self.replies[min(len(self.requests), len(self.replies)) - 1]
+        return status, reply(request["body"]) if callable(reply) else reply
 
 
 def _completion(content):
