@@ -34,7 +34,8 @@ EXPECTED_COLUMNS = ["example_id", "prompt", "chosen", "rejected", "chosen_semant
 
 
 def learndyn(*args: str, cwd: Path | None = None, **env_vars: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in {"FORCE_COLOR", "PY_COLORS", "CLICOLOR_FORCE"}}
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"FORCE_COLOR", "PY_COLORS", "CLICOLOR_FORCE", "OPENAI_API_KEY"}}  # never a real key
     env.update(COLUMNS="80", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # narrow: a long error must not wrap
     env.update(env_vars)
     return subprocess.run([LEARNDYN, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)

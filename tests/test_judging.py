@@ -4,16 +4,13 @@ tests script, the local judge on the tiny random Llama, and `learndyn judge` as 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import ChatServer
+from test_cli import assert_one_error_line, learndyn
 
 from learndyn.errors import LearndynError
 from learndyn.judging import (
@@ -395,28 +392,6 @@ def test_local_judge_needs_a_chat_template(tiny_llama):
 # ---------------------------------------------------------------- `learndyn judge`
 
 
-def _console_script() -> str:
-    beside_python = Path(sys.executable).parent / "learndyn"
-    found = str(beside_python) if beside_python.is_file() else shutil.which("learndyn")
-    if not found:
-        pytest.skip("the learndyn console script is not installed (pip install -e .)")
-    return found
-
-
-def learndyn(*args: str, **env_vars: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in {"FORCE_COLOR", "PY_COLORS", "CLICOLOR_FORCE"}}
-    env.pop("OPENAI_API_KEY", None)
-    env.update(COLUMNS="80", HF_HUB_OFFLINE="1", **env_vars)
-    return subprocess.run([_console_script(), *args], capture_output=True, text=True, env=env, timeout=120)
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 1, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    return lines[0]
-
-
 def test_cli_judge_prints_counts_and_win_rate(serve, files, tmp_path):
     server = serve(prefers_good)
     out = tmp_path / "verdicts.jsonl"
@@ -430,16 +405,16 @@ def test_cli_judge_prints_counts_and_win_rate(serve, files, tmp_path):
     assert len(read_verdicts(out)) == 4 and KEY not in out.read_text() + result.stdout + result.stderr
     again = learndyn(*args, OPENAI_API_KEY=KEY)
     assert "(0 now, 4 reused)" in again.stdout and len(server.requests) == 8
-    line = one_error_line(learndyn(*args, "--api-key-env", "LEARNDYN_NO_JUDGE_KEY"))
+    line = assert_one_error_line(learndyn(*args, "--api-key-env", "LEARNDYN_NO_JUDGE_KEY"))
     assert "LEARNDYN_NO_JUDGE_KEY" in line
 
 
 def test_cli_judge_bad_input_is_one_line(files, tmp_path):
     a, _ = files
     b = write_responses(tmp_path / "b2.jsonl", ["x"] * 4, ["Other?"] + PROMPTS[1:])
-    line = one_error_line(learndyn("judge", str(a), str(b), "--judge", "local", "--out", str(tmp_path / "v.jsonl")))
+    line = assert_one_error_line(learndyn("judge", str(a), str(b), "--judge", "local", "--out", str(tmp_path / "v.jsonl")))
     assert f"{a}:1 and {b}:1" in line and "prompts of pair 0 differ" in line
-    assert "valid: openai:MODEL, local[:MODEL]" in one_error_line(
+    assert "valid: openai:MODEL, local[:MODEL]" in assert_one_error_line(
         learndyn("judge", str(a), str(b), "--judge", "bard", "--out", str(tmp_path / "v.jsonl")))
 
 
