@@ -161,6 +161,44 @@ def test_default_ids_are_row_positions_and_id_column_is_used(tmp_path):
     assert [p.example_id for p in load_preferences(str(write_jsonl(tmp_path / "d.jsonl", rows)))] == ["0", "7"]
 
 
+@pytest.mark.parametrize("suffix, ids", [("[:2]", ["a", "b"]), ("[1:]", ["b", "c"]), ("[-1:]", ["c"]),
+                                         ("[:-1]", ["a", "b"]), ("[ 1 : 2 ]", ["b"])])
+def test_row_range_selects_rows_like_a_python_slice(tmp_path, suffix, ids):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    assert [p.example_id for p in load_preferences(f"{path}{suffix}")] == ids
+
+
+def test_row_range_keeps_file_positions_as_default_ids(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(5)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    train, held_out = load_preferences(f"{path}[:3]"), load_preferences(f"{path}[3:]")
+    assert [p.example_id for p in train] == ["0", "1", "2"] and [p.example_id for p in held_out] == ["3", "4"]
+    assert [p.prompt for p in load_preferences(f"{path}[3:]", limit=1)] == ["p3"]
+
+
+def test_row_range_applies_after_a_split():
+    assert [p.example_id for p in load_preferences("example:test[2:4]")] == \
+        [p.example_id for p in load_preferences("example:test")][2:4]
+
+
+def test_row_range_stops_before_reading_rows_past_it(tmp_path):
+    path = _bad_jsonl(tmp_path, "not json at all")
+    assert len(load_preferences(f"{path}[:2]")) == 2
+
+
+@pytest.mark.parametrize("suffix", ["[a:b]", "[1]", "[1:2:3]"])
+def test_malformed_row_range_is_one_clear_error(tmp_path, suffix):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(LearndynError, match=r"row range is written \[START:STOP\]"):
+        load_preferences(f"{path}{suffix}")
+
+
+def test_empty_row_range_names_the_spec(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(LearndynError, match=r"d.jsonl\[5:\]: no examples"):
+        load_preferences(f"{path}[5:]")
+
+
 def test_author_column_names_become_probe_extras(tmp_path):
     row = {"prompt": "p", "chosen": "c", "rejected": "r", "irr_train": "other answer",
            "chosen_gptsemantic": "c reworded", "reject_gptformat": "r other topic", "random_permute": "",

@@ -1,14 +1,18 @@
 """Preference data: many on-disk formats in, one record type (`Preference`) out.
 
 Accepted sources: the built-in `example` set, a local .jsonl/.json/.parquet/.csv file, or a Hugging
-Face hub dataset id, each optionally followed by `:SPLIT` (default `train`). Rows hold
+Face hub dataset id, each optionally followed by `:SPLIT` (default `train`) and then by a row range
+`[START:STOP]` in Python's slice notation (`data.jsonl[:400]`, `data.jsonl[400:]`), which splits one
+file into training and held-out parts; rows keep their file positions as default ids. Rows hold
 `prompt/chosen/rejected` as plain text or chat messages, or (Anthropic-HH style) only
 `chosen/rejected` full transcripts, split at the last "\\n\\nAssistant:".
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -59,11 +63,14 @@ def render_prompt(prompt: Prompt, tokenizer: Any) -> str:
 
 def load_preferences(spec: str, *, limit: int | None = None, need_rejected: bool = True) -> list[Preference]:
     """Load preference data from `spec` (see the module docstring) into `Preference` records."""
-    source, split = _split_spec(spec)
-    rows = _read_rows(source, split)
+    spec_, rows_range = _range_spec(spec)
+    source, split = _split_spec(spec_)
+    rows: Iterator[tuple[int, tuple[str, dict[str, Any]]]] = enumerate(_read_rows(source, split))
+    if rows_range is not None:
+        rows = _take(rows, rows_range)
     prefs: list[Preference] = []
     seen: set[str] = set()
-    for index, (where, row) in enumerate(rows):
+    for index, (where, row) in rows:
         if limit is not None and len(prefs) >= limit:
             break
         pref = _to_preference(row, where, default_id=str(index), need_rejected=need_rejected)
@@ -88,6 +95,24 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         raise LearndynError(f"{path}: file not found")
     return reader(path)
+
+
+def _range_spec(spec: str) -> tuple[str, slice | None]:
+    """Split a trailing `[START:STOP]` row range off `spec` (unless `spec` names an existing path)."""
+    match = re.fullmatch(r"(.+)\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\]", spec)
+    if match is None or Path(spec).exists():
+        if spec.endswith("]") and "[" in spec and not Path(spec).exists():
+            raise LearndynError(f"{spec}: a row range is written [START:STOP] with whole numbers, e.g. [:400] or [400:]")
+        return spec, None
+    start, stop = (int(x) if x else None for x in match.group(2, 3))
+    return match.group(1), slice(start, stop)
+
+
+def _take(rows: Iterator[tuple[int, Any]], rows_range: slice) -> Iterator[tuple[int, Any]]:
+    """The rows of a range, keeping their positions; negative bounds read the source to its end."""
+    if (rows_range.start or 0) >= 0 and (rows_range.stop is None or rows_range.stop >= 0):
+        return itertools.islice(rows, rows_range.start, rows_range.stop)
+    return iter(list(rows)[rows_range])
 
 
 def _split_spec(spec: str) -> tuple[str, str]:
