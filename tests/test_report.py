@@ -208,3 +208,47 @@ def test_report_never_imports_torch(tmp_path):
             "heavy = [m for m in ('torch', 'transformers', 'trl') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code, str(sft)], check=True, timeout=120)
+
+
+def on_policy_arm(tmp_path: Path, sft: Path, argmax: list[float], chosen: list[float]) -> Path:
+    """A DPO run continuing `sft` on-policy, with the given chosen logp_sum and argmax_logp curves."""
+    return make_run(tmp_path / "on-dpo", "dpo", {"chosen": chosen, "rejected": [-55, -60, -65]}, argmax=argmax,
+                    on_policy=True, **{"from": str(sft)})
+
+
+@pytest.mark.parametrize("argmax, chosen, expected", [
+    ([-8, -7.5, -7], [-30, -29, -29], True),   # argmax rises by 1 (off: 5), chosen rises (off: falls 5)
+    ([-8, -4, 0], [-30, -29, -29], False),     # argmax rises more than off-policy
+    ([-8, -7.5, -7], [-30, -35, -40], False),  # chosen falls more than off-policy
+])
+def test_on_policy_arm_is_labelled_and_compared_with_the_off_policy_arm(tmp_path, argmax, chosen, expected):
+    sft, off = paper_like(tmp_path, "base")
+    on = on_policy_arm(tmp_path, sft, argmax, chosen)
+    arms = load_arms([off, on])
+    assert [(a.label, a.on_policy) for a in arms] == [("baseline", False), ("baseline, on-policy DPO", True)]
+    signatures = evaluate_signatures([off, on])
+    assert held(signatures, "on_policy_squeezes_less") is expected
+    numbers = next(s["numbers"] for s in signatures if s["name"] == "on_policy_squeezes_less")
+    assert numbers["argmax_change_off"] == pytest.approx(5.0) and numbers["chosen_change_off"] == pytest.approx(-5.0)
+
+
+def test_on_policy_signature_only_with_an_on_policy_arm(tmp_path):
+    names = [s["name"] for s in evaluate_signatures(list(paper_like(tmp_path)))]
+    assert "on_policy_squeezes_less" not in names
+    sft, _ = paper_like(tmp_path, "base")
+    lone = evaluate_signatures([on_policy_arm(tmp_path, sft, [-8, -7, -6], [-30, -30, -30])])
+    assert held(lone, "on_policy_squeezes_less") is None  # no off-policy arm to compare with
+
+
+def test_extended_comparison_ignores_the_on_policy_arm(tmp_path):
+    sft, off = paper_like(tmp_path, "base", dpo_shift=0.0)
+    on = on_policy_arm(tmp_path, sft, [-8, -7, -6], [100, 100, 100])  # far above anything: must not be picked
+    ext = paper_like(tmp_path, "ext", extend=True, dpo_shift=1.0)[1]
+    assert held(evaluate_signatures([on, off, ext]), "extended_keeps_chosen_and_rejected_higher") is True
+
+
+def test_extra_sections_go_into_the_page_before_the_signatures(tmp_path):
+    page = build_report(list(paper_like(tmp_path)), tmp_path / "out",
+                        sections=[("Win rates", "<p>a <b>table</b></p>")]).read_text(encoding="utf-8")
+    assert "<h2>Win rates</h2>\n<p>a <b>table</b></p>" in page
+    assert page.index("<h2>Arms</h2>") < page.index("<h2>Win rates</h2>") < page.index("<h2>Signatures</h2>")

@@ -11,6 +11,7 @@ can be rebuilt from RUN/metrics/ alone.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,11 @@ def evaluate_signatures(runs: list[str | Path]) -> list[dict[str, Any]]:
     return evaluate(load_arms(runs))
 
 
-def build_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
+def build_report(runs: list[str | Path], out: str | Path | None = None, *,
+                 sections: Sequence[tuple[str, str]] = ()) -> Path:
     """Write OUT/figures/*.png, OUT/signatures.json and OUT/report.html (OUT defaults to the last
-    run's folder), each atomically; return the path of report.html."""
+    run's folder), each atomically; return the path of report.html. `sections` are (title, HTML)
+    parts placed before the signatures (the comparison's win rates, for one)."""
     arms = load_arms(runs)
     out = Path(out) if out is not None else Path(runs[-1])
     signatures = evaluate(arms)
@@ -47,7 +50,7 @@ def build_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
         _write(out / "figures" / f"{stem}.png", png)
         pngs[stem] = (caption, png)
     _write(out / "signatures.json", json.dumps(signatures, indent=2, ensure_ascii=False).encode("utf-8"))
-    _write(out / "report.html", page.render(arms, signatures, pngs).encode("utf-8"))
+    _write(out / "report.html", page.render(arms, signatures, pngs, sections).encode("utf-8"))
     return out / "report.html"
 
 

@@ -5,7 +5,8 @@ An SFT run followed by a DPO run started from it is one experiment, so the repor
 SFT run's last epoch), a divider at the phase boundary. A DPO run is chained after the run its
 config `from` names when that run is also given or exists on disk. An arm is "extended" if one of
 its SFT runs trained on chosen and rejected (`extend: true`, the paper's dataset extension), else
-"baseline"; a report compares arms of the two kinds.
+"baseline"; a report compares arms of the two kinds. An arm whose DPO ran on-policy (`on_policy: true`,
+pairs sampled from the policy at each step) is labelled so, e.g. "baseline, on-policy DPO".
 
 Curves are per-type means over examples of one metric column, indexed by optimizer step. This module
 reads files only (no torch, no model).
@@ -58,6 +59,7 @@ class Arm:
     label: str
     kind: str  # "baseline" or "extended"
     segments: list[Segment] = field(default_factory=list)
+    on_policy: bool = False  # its DPO sampled its own pairs
 
     @property
     def runs(self) -> list[Path]:
@@ -169,7 +171,8 @@ def _arm(chain: list[_Run]) -> Arm:
             segments.append(Segment(run.path, phase, run.config, run.frame[run.frame["phase"] == phase], offset))
     sft = [r for r in chain if r.config.get("phase") == "sft"] or chain
     kind = "extended" if any(r.config.get("extend") for r in sft) else "baseline"
-    return Arm(kind, kind, segments)
+    on_policy = any(r.config.get("on_policy") for r in chain)
+    return Arm(f"{kind}, on-policy DPO" if on_policy else kind, kind, segments, on_policy)
 
 
 def _unique_labels(arms: list[Arm]) -> None:

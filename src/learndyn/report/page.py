@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from learndyn.report.arms import Arm
@@ -26,8 +27,10 @@ code { font-size: 0.95em; }
 """
 
 
-def render(arms: list[Arm], signatures: list[dict[str, Any]], figures: dict[str, tuple[str, bytes]]) -> str:
-    """The page: arms, signatures, figures (name -> (caption, PNG bytes)), settings, vocabulary."""
+def render(arms: list[Arm], signatures: list[dict[str, Any]], figures: dict[str, tuple[str, bytes]],
+           sections: Sequence[tuple[str, str]] = ()) -> str:
+    """The page: arms, extra sections ((title, HTML)), signatures, figures (name -> (caption, PNG
+    bytes)), settings, vocabulary."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"><title>learndyn report</title>',
@@ -37,6 +40,7 @@ def render(arms: list[Arm], signatures: list[dict[str, Any]], figures: dict[str,
         "mean log-probability (<code>logp_sum</code>, teacher-forced, averaged over examples) moves during "
         "training.</p>",
         "<h2>Arms</h2>", _arms(arms),
+        *(part for title, body in sections for part in (f"<h2>{html.escape(title)}</h2>", body)),
         "<h2>Signatures</h2>", _signatures(signatures),
         "<h2>Figures</h2>",
     ]

@@ -103,6 +103,9 @@ PER_ARM: dict[str, tuple[str, Check]] = {
                       "piles onto the argmax token.", _dpo_squeezing),
 }
 EXTENDED_KEEPS = "extended_keeps_chosen_and_rejected_higher"
+ON_POLICY_LESS = "on_policy_squeezes_less"
+ON_POLICY_DESCRIPTION = ("On-policy negatives squeeze less: during DPO the on-policy arm's argmax_logp of chosen "
+                         "rises less, and its chosen logp_sum falls less, than the off-policy arm's.")
 EXTENDED_DESCRIPTION = ("Dataset extension (SFT on chosen and rejected) before DPO: at the end of DPO the "
                         "extended arm's chosen and rejected are both above the baseline arm's.")
 
@@ -114,11 +117,13 @@ def evaluate(arms: list[Arm]) -> list[dict[str, Any]]:
         for name, (description, check) in PER_ARM.items():
             results.append(_result(f"{name} [{arm.label}]", arm.label, description, check(arm)))
     results.append(_result(EXTENDED_KEEPS, None, EXTENDED_DESCRIPTION, _extended_keeps(arms)))
+    if any(arm.on_policy for arm in arms):
+        results.append(_result(ON_POLICY_LESS, None, ON_POLICY_DESCRIPTION, _on_policy_squeezes_less(arms)))
     return results
 
 
 def _extended_keeps(arms: list[Arm]) -> tuple[bool, dict[str, float]] | str:
-    pick = {kind: next((a for a in arms if a.kind == kind and a.phase("dpo") is not None), None)
+    pick = {kind: next((a for a in arms if a.kind == kind and not a.on_policy and a.phase("dpo") is not None), None)
             for kind in ("baseline", "extended")}
     if None in pick.values():
         return "needs a baseline and an extended arm, both with a DPO phase"
@@ -130,6 +135,26 @@ def _extended_keeps(arms: list[Arm]) -> tuple[bool, dict[str, float]] | str:
         numbers |= {f"{t}_{kind}": e[1] for kind, e in ends.items()}
         above.append(ends["extended"][1] > ends["baseline"][1])
     return all(above), numbers
+
+
+def _on_policy_squeezes_less(arms: list[Arm]) -> tuple[bool, dict[str, float]] | str:
+    """Compare DPO's change of chosen's argmax_logp and logp_sum between an off- and an on-policy arm
+    of the same kind (the same SFT model, so the starting points agree)."""
+    on = next((a for a in arms if a.on_policy and a.phase("dpo") is not None), None)
+    off = next((a for a in arms if on is not None and not a.on_policy and a.kind == on.kind
+                and a.phase("dpo") is not None), None)
+    if on is None or off is None:
+        return "needs an off-policy and an on-policy DPO arm of the same kind"
+    numbers = {}
+    for label, arm in (("off", off), ("on", on)):
+        for metric, short in (("argmax_logp", "argmax"), ("logp_sum", "chosen")):
+            ends = _ends(arm.phase("dpo"), "chosen", metric)
+            if ends is None:
+                return f"no chosen {metric} in the {label}-policy arm"
+            numbers[f"{short}_change_{label}"] = ends[1] - ends[0]
+    held = (numbers["argmax_change_on"] < numbers["argmax_change_off"]
+            and numbers["chosen_change_on"] > numbers["chosen_change_off"])
+    return held, numbers
 
 
 def _result(name: str, arm: str | None, description: str, outcome: tuple | str) -> dict[str, Any]:

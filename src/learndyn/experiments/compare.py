@@ -1,0 +1,268 @@
+"""The paper's fix, measured fairly: baseline SFT -> DPO against extended SFT -> DPO.
+
+Both arms start from one model with one probe set, seed, data order and DPO step count; they differ
+only in what SFT trains on (chosen; or chosen and rejected, which takes twice the SFT steps at equal
+epochs). With `on_policy`, a third arm continues the baseline SFT model with on-policy DPO. Every
+checkpoint answers the held-out prompts greedily; a judge compares the answers pairwise in both
+orders; the intrinsic measures describe each set of answers. The folder:
+
+    DIR/probes.jsonl                       probes tracked in every run
+    DIR/{arm}/{phase}/                     run folders (config, metrics, checkpoints/final)
+    DIR/responses/{arm}-{phase}.jsonl      greedy answers to the held-out prompts
+    DIR/verdicts/{A}_vs_{B}.jsonl          judged pairs, reused by a rerun (an API judge is paid once)
+    DIR/summary.json                       settings, step counts, win rates, intrinsic measures, signatures
+    DIR/report.html, DIR/figures/          the report: win rates, intrinsic measures, dynamics of all arms
+
+A rerun with `resume` reuses every finished run (same settings), response file and verdict; anything
+downstream of a retrained run is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from learndyn.atomic import atomic_path
+from learndyn.errors import LearndynError
+from learndyn.models import BUILTIN_MODEL
+
+__all__ = ["CompareSettings", "Checkpoint", "PAIRS", "compare_settings", "run_compare", "train_arms"]
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    """One comparison. The sizes default to what shows the dynamics on a 135M model on a CPU."""
+
+    data: str  # training preference data
+    eval_data: str  # held-out preference data: prompts to answer, chosen responses to score
+    out: str = "learndyn-compare"
+    model: str = BUILTIN_MODEL
+    judge: str = "local"
+    on_policy: bool = False  # add the arm baseline SFT -> on-policy DPO
+    examples: int | None = 32  # training pairs (None: all)
+    eval_n: int | None = None  # held-out prompts (None: all)
+    probes: int = 8  # tracked prompts: the first training examples
+    sft_epochs: float = 3.0
+    dpo_epochs: float = 2.0
+    sft_lr: float = 5e-5
+    dpo_lr: float = 2e-5
+    beta: float = 0.1
+    batch_size: int = 8
+    every: int = 3
+    max_length: int = 256
+    greedy_tokens: int = 48  # length of the probe set's greedy responses
+    max_new_tokens: int = 96  # length of the evaluation answers
+    seed: int = 0
+    device: str | None = None
+
+
+QUICK = dict(examples=16, probes=6, sft_epochs=2.0, dpo_epochs=1.0, every=4, max_new_tokens=64)
+
+
+def compare_settings(quick: bool, **values: Any) -> CompareSettings:
+    """Settings from the given values (None: the default, or the quick default with `quick`)."""
+    given = {k: v for k, v in values.items() if v is not None}
+    base = {**(QUICK if quick else {}), **given}
+    return CompareSettings(**base)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A trained model of the comparison: `arm/phase`, e.g. extended/dpo."""
+
+    arm: str
+    phase: str
+    run: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}/{self.phase}"
+
+    @property
+    def stem(self) -> str:
+        return f"{self.arm}-{self.phase}"
+
+
+# (A, B): the win rate of A over B. The first is the paper's claim; the last two show what DPO did in each arm.
+PAIRS = (("extended/dpo", "baseline/dpo"), ("extended/sft", "baseline/sft"),
+         ("baseline/dpo", "baseline/sft"), ("extended/dpo", "extended/sft"))
+ON_POLICY_PAIRS = (("baseline/dpo-on-policy", "baseline/dpo"), ("baseline/dpo-on-policy", "baseline/sft"))
+
+
+def run_compare(settings: CompareSettings, *, resume: bool = False, overwrite: bool = False,
+                judge_options: dict[str, Any] | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Train, generate, judge, measure and report (module docstring); returns the summary."""
+    from learndyn.data import load_preferences
+    from learndyn.judging import make_judge
+
+    console = console or Console(stderr=True)
+    out = Path(settings.out)
+    _check_folder(out, resume, overwrite)
+    held_out = load_preferences(settings.eval_data, limit=settings.eval_n, need_rejected=False)
+    load_preferences(settings.data, limit=settings.examples)  # bad training data fails before any work
+    judge = make_judge(settings.judge, device=settings.device, **(judge_options or {}))
+    clock: dict[str, float] = {}
+
+    start = time.perf_counter()
+    checkpoints, retrained = train_arms(settings, resume=resume, console=console)
+    clock["training"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    fresh, measures = _evaluate(checkpoints, held_out, settings, resume=resume, retrained=retrained, console=console)
+    clock["generation_and_scoring"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    pairs = PAIRS + (ON_POLICY_PAIRS if settings.on_policy else ())
+    win_rates = [_judge_pair(a, b, judge, out, redo=bool({a, b} & fresh), console=console) for a, b in pairs]
+    clock["judging"] = time.perf_counter() - start
+
+    summary = {
+        "settings": asdict(settings),
+        "judge": judge.spec,
+        "held_out_prompts": len(held_out),
+        "runs": {c.name: {"path": str(c.run), "steps": _steps(c.run)} for c in checkpoints},
+        "win_rates": win_rates,
+        "intrinsic": measures,
+        "seconds": {k: round(v, 1) for k, v in clock.items()},
+    }
+    from learndyn.report import build_report, evaluate_signatures
+    from learndyn.report.comparison import sections, win_rate_figure
+
+    runs = [c.run for c in checkpoints if c.phase != "sft"]  # each DPO run brings its SFT run
+    summary["signatures"] = evaluate_signatures(runs)
+    _write_json(out / "summary.json", summary)
+    figure = win_rate_figure(win_rates)
+    with atomic_path(out / "figures" / "win_rates.png") as tmp:
+        tmp.write_bytes(figure)
+    summary["report"] = str(build_report(runs, out, sections=sections(summary, figure)))
+    return summary
+
+
+def train_arms(settings: CompareSettings, *, resume: bool = False, console: Console | None = None
+               ) -> tuple[list[Checkpoint], set[str]]:
+    """Build the probe set and train every arm; returns the checkpoints in training order and the
+    names of those trained now (not reused)."""
+    from learndyn.training.recipes import TrainSettings
+
+    console = console or Console(stderr=True)
+    out = Path(settings.out)
+    probes = out / "probes.jsonl"
+    if not (resume and probes.is_file()):
+        _build_probes(settings, probes)
+    common = dict(data=settings.data, probes=str(probes), model=settings.model, limit=settings.examples,
+                  batch_size=settings.batch_size, every=settings.every, max_length=settings.max_length,
+                  seed=settings.seed, device=settings.device)
+    plan: list[tuple[str, str, TrainSettings]] = []
+    for arm, extend in (("baseline", False), ("extended", True)):
+        sft = TrainSettings(phase="sft", out=str(out / arm / "sft"), extend=extend, epochs=settings.sft_epochs,
+                            learning_rate=settings.sft_lr, **common)
+        dpo = TrainSettings(phase="dpo", out=str(out / arm / "dpo"), from_run=sft.out, beta=settings.beta,
+                            epochs=settings.dpo_epochs, learning_rate=settings.dpo_lr, **common)
+        plan += [(arm, "sft", sft), (arm, "dpo", dpo)]
+    if settings.on_policy:
+        on = replace(plan[1][2], out=str(out / "baseline" / "dpo-on-policy"), on_policy=True, judge=settings.judge)
+        plan.append(("baseline", "dpo-on-policy", on))
+    checkpoints, retrained = [], set()
+    for number, (arm, phase, train_settings) in enumerate(plan, 1):
+        what = {"sft": "SFT on chosen" + (" and rejected" if train_settings.extend else ""),
+                "dpo": f"DPO from the SFT model, beta {settings.beta}",
+                "dpo-on-policy": "on-policy DPO from the baseline SFT model"}[phase]
+        console.print(f"[bold][{number}/{len(plan)}] {arm} {phase}[/bold] ({what})")
+        run, trained = _train_once(train_settings, resume=resume and not retrained & {f"{arm}/sft"})
+        if trained:
+            retrained.add(f"{arm}/{phase}")
+        else:
+            console.print(f"  reusing the finished run {run}")
+        checkpoints.append(Checkpoint(arm, phase, run))
+    return checkpoints, retrained
+
+
+def _build_probes(settings: CompareSettings, path: Path) -> None:
+    from learndyn.data import load_preferences
+    from learndyn.models import load_model
+    from learndyn.probes.build import build_probes
+    from learndyn.probes.files import write_probes
+
+    model, tokenizer = load_model(settings.model, device=settings.device)
+    probes = build_probes(load_preferences(settings.data, limit=settings.probes),
+                          held_out=load_preferences(settings.eval_data, limit=settings.eval_n, need_rejected=False),
+                          model=model, tokenizer=tokenizer, greedy_max_tokens=settings.greedy_tokens,
+                          seed=settings.seed)
+    write_probes(probes, path)
+
+
+def _train_once(settings: Any, *, resume: bool) -> tuple[Path, bool]:
+    """Train unless `resume` finds this run finished with these settings; (run, trained now?)."""
+    from learndyn.training.recipes import train
+    from learndyn.training.runs import read_config
+
+    run = Path(settings.out)
+    finished = (run / "checkpoints" / "final" / "config.json").is_file() and (run / "config.yaml").is_file()
+    if resume and finished and read_config(run) == settings.to_dict():
+        return run, False
+    return train(settings, overwrite=True), True
+
+
+def _evaluate(checkpoints: list[Checkpoint], held_out: list, settings: CompareSettings, *, resume: bool,
+              retrained: set[str], console: Console) -> tuple[set[str], dict[str, dict[str, Any]]]:
+    """Answer the held-out prompts with every checkpoint and measure the answers; returns the names
+    whose answers were generated now and the measures by checkpoint name."""
+    from learndyn.evaluation.intrinsic import intrinsic_measures
+    from learndyn.evaluation.responses import (DecodingSettings, generate_responses, read_responses,
+                                               resolve_model, write_responses)
+    from learndyn.models import load_model
+
+    decoding = DecodingSettings(max_new_tokens=settings.max_new_tokens)
+    fresh: set[str] = set()
+    measures: dict[str, dict[str, Any]] = {}
+    for ckpt in checkpoints:
+        path = Path(settings.out) / "responses" / f"{ckpt.stem}.jsonl"
+        model, tokenizer = load_model(resolve_model(ckpt.run), device=settings.device)
+        if resume and path.is_file() and ckpt.name not in retrained:
+            rows = read_responses(path)
+        else:
+            rows = generate_responses(model, tokenizer, held_out, decoding, model_name=str(ckpt.run),
+                                      progress=f"Answering with {ckpt.name}")
+            write_responses(rows, path)
+            fresh.add(ckpt.name)
+        measures[ckpt.name] = {"responses": str(path),
+                               **intrinsic_measures(rows, tokenizer, model, held_out, max_length=settings.max_length)}
+        del model
+    return fresh, measures
+
+
+def _judge_pair(a: str, b: str, judge: Any, out: Path, *, redo: bool, console: Console) -> dict[str, Any]:
+    from learndyn.judging import judge_files, win_rate
+
+    files = [out / "responses" / f"{name.replace('/', '-')}.jsonl" for name in (a, b)]
+    verdicts = out / "verdicts" / f"{a.replace('/', '-')}_vs_{b.replace('/', '-')}.jsonl"
+    result = judge_files(*files, judge, verdicts, overwrite=redo, progress=f"Judging {a} vs {b}")
+    rate = win_rate(result.rows)
+    shown = "n/a" if rate["win_rate"] is None else f"{rate['win_rate']:.3f} [{rate['ci_low']:.3f}, {rate['ci_high']:.3f}]"
+    console.print(f"  {a} vs {b}: win rate {shown}, ties {rate['ties']}, unparsed {rate['unparsed']}", highlight=False)
+    return {"a": a, "b": b, "verdicts": str(verdicts), **rate}
+
+
+def _steps(run: Path) -> int:
+    from learndyn.training.runs import read_metrics
+
+    return int(read_metrics(run)["step"].max())
+
+
+def _check_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise LearndynError("pass --resume or --overwrite, not both")
+    started = (out / "probes.jsonl").exists() or (out / "summary.json").exists()
+    if started and not (resume or overwrite):
+        raise LearndynError(f"{out} holds an earlier comparison; pass --resume to reuse its finished parts "
+                            "or --overwrite to start again")
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=str), encoding="utf-8")

@@ -1,0 +1,108 @@
+"""`learndyn compare` end to end on a tiny random model: both arms trained alike, every checkpoint's
+answers judged pairwise, summary.json agreeing with the verdict files, and resume reusing exactly
+the parts whose inputs did not change."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import learndyn.evaluation.responses as responses_module
+import learndyn.training.recipes as recipes
+from learndyn.errors import LearndynError
+from learndyn.evaluation.responses import read_responses
+from learndyn.experiments.compare import PAIRS, CompareSettings, compare_settings, run_compare
+from learndyn.judging import read_verdicts, win_rate
+from learndyn.training.runs import read_metrics
+
+CHECKPOINTS = ("baseline/sft", "baseline/dpo", "extended/sft", "extended/dpo")
+
+
+def tiny_settings(folder: Path, out: Path, **changes) -> CompareSettings:
+    return CompareSettings(data="example", eval_data="example:test", out=str(out), model=str(folder),
+                           judge=f"local:{folder}", examples=4, eval_n=3, probes=2, sft_epochs=1, dpo_epochs=1,
+                           batch_size=4, every=1, greedy_tokens=6, max_new_tokens=6, **changes)
+
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Record the calls of module.name (still calling it) and return the list of first arguments."""
+    calls, real = [], getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append(args[0] if args else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def test_compare_trains_both_arms_alike_and_reports_the_judged_win_rates(tiny_folder, tmp_path):
+    out = tmp_path / "cmp"
+    summary = run_compare(tiny_settings(tiny_folder, out))
+    steps = {name: sorted(set(read_metrics(out / name)["step"])) for name in CHECKPOINTS}
+    assert steps["baseline/sft"] == [0, 1] and steps["extended/sft"] == [0, 1, 2]  # 4 pairs vs 8 rows, batch 4
+    assert steps["baseline/dpo"] == steps["extended/dpo"] == [0, 1]
+    assert {n: r["steps"] for n, r in summary["runs"].items()} == {n: s[-1] for n, s in steps.items()}
+    answers = {name: read_responses(out / "responses" / f"{name.replace('/', '-')}.jsonl") for name in CHECKPOINTS}
+    prompts = [[row["prompt"] for row in rows] for rows in answers.values()]
+    assert len(prompts[0]) == 3 and all(p == prompts[0] for p in prompts)  # the same held-out prompts, in order
+    assert [(r["a"], r["b"]) for r in summary["win_rates"]] == list(PAIRS)
+    for rate in summary["win_rates"]:
+        verdicts = read_verdicts(rate["verdicts"])
+        assert len(verdicts) == 3 and {v["judge"] for v in verdicts} == {f"local:{tiny_folder}"}
+        assert rate["win_rate"] == win_rate(verdicts)["win_rate"] and rate["pairs"] == 3
+        a_texts = [row["response"] for row in answers[rate["a"]]]
+        assert [v["response_a"] for v in verdicts] == a_texts
+    for name in CHECKPOINTS:
+        measures = summary["intrinsic"][name]
+        assert measures["n_responses"] == 3 and measures["held_out_n"] == 3
+        assert measures["chosen_logp_sum"] < 0 and measures["chosen_argmax_logp"] >= measures["chosen_logp_sum"]
+    on_disk = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert on_disk["win_rates"] == summary["win_rates"] and on_disk["settings"]["eval_n"] == 3
+    page = Path(summary["report"]).read_text(encoding="utf-8")
+    assert "<h2>Win rates</h2>" in page and "<h2>Intrinsic measures of the answers</h2>" in page
+    assert "extended/dpo" in page and (out / "figures" / "win_rates.png").stat().st_size > 1000
+    assert {"baseline", "extended"} <= {s["arm"] for s in summary["signatures"]}
+
+
+def test_resume_reuses_finished_parts_and_redoes_what_a_changed_setting_touches(tiny_folder, tmp_path, monkeypatch):
+    settings = tiny_settings(tiny_folder, tmp_path / "cmp")
+    first = run_compare(settings)
+    with pytest.raises(LearndynError, match="holds an earlier comparison; pass --resume"):
+        run_compare(settings)
+    with pytest.raises(LearndynError, match="--resume or --overwrite, not both"):
+        run_compare(settings, resume=True, overwrite=True)
+
+    trained = count_calls(monkeypatch, recipes, "train")
+    generated = count_calls(monkeypatch, responses_module, "generate_responses")
+    again = run_compare(settings, resume=True)
+    assert trained == [] and generated == []
+    assert again["win_rates"] == first["win_rates"] and again["intrinsic"] == first["intrinsic"]
+
+    changed = run_compare(replace(settings, dpo_lr=1e-2), resume=True)  # only the DPO runs depend on it
+    assert sorted(Path(s.out).relative_to(tmp_path / "cmp").as_posix() for s in trained) == \
+        ["baseline/dpo", "extended/dpo"]
+    assert len(generated) == 2
+    by_pair = {(r["a"], r["b"]): r for r in changed["win_rates"]}
+    sft_pair = first["win_rates"][1]
+    assert (sft_pair["a"], sft_pair["b"]) == ("extended/sft", "baseline/sft")
+    assert by_pair["extended/sft", "baseline/sft"] == sft_pair  # untouched: reused as it was
+    dpo_rows = read_verdicts(by_pair["extended/dpo", "baseline/dpo"]["verdicts"])
+    dpo_texts = [row["response"] for row in read_responses(tmp_path / "cmp" / "responses" / "extended-dpo.jsonl")]
+    assert [v["response_a"] for v in dpo_rows] == dpo_texts  # judged again on the new answers
+
+
+def test_bad_held_out_data_fails_before_any_training(tiny_folder, tmp_path):
+    with pytest.raises(LearndynError, match="missing.jsonl: file not found"):
+        run_compare(replace(tiny_settings(tiny_folder, tmp_path / "cmp"), eval_data=str(tmp_path / "missing.jsonl")))
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_quick_sizes_and_explicit_values():
+    quick = compare_settings(True, data="d", eval_data="e", examples=None, dpo_lr=1e-4)
+    assert (quick.examples, quick.dpo_epochs, quick.max_new_tokens, quick.dpo_lr) == (16, 1.0, 64, 1e-4)
+    full = compare_settings(False, data="d", eval_data="e", examples=100)
+    assert (full.examples, full.dpo_epochs, full.max_new_tokens) == (100, 2.0, 96)
