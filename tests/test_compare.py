@@ -106,3 +106,19 @@ def test_quick_sizes_and_explicit_values():
     assert (quick.examples, quick.dpo_epochs, quick.max_new_tokens, quick.dpo_lr) == (16, 1.0, 64, 1e-4)
     full = compare_settings(False, data="d", eval_data="e", examples=100)
     assert (full.examples, full.dpo_epochs, full.max_new_tokens) == (100, 2.0, 96)
+
+
+def test_on_policy_arm_continues_the_baseline_sft_model_and_is_judged_against_off_policy(tiny_folder, tmp_path):
+    from learndyn.experiments.compare import ON_POLICY_PAIRS
+    from learndyn.training.runs import read_config
+
+    out = tmp_path / "cmp"
+    summary = run_compare(tiny_settings(tiny_folder, out, on_policy=True))
+    config = read_config(out / "baseline" / "dpo-on-policy")
+    assert config["on_policy"] is True and config["from"] == str(out / "baseline" / "sft")
+    assert config["judge"] == f"local:{tiny_folder}"
+    assert [(r["a"], r["b"]) for r in summary["win_rates"]][-2:] == list(ON_POLICY_PAIRS)
+    assert summary["intrinsic"]["baseline/dpo-on-policy"]["n_responses"] == 3
+    on_policy = [s for s in summary["signatures"] if s["name"] == "on_policy_squeezes_less"]
+    assert len(on_policy) == 1 and on_policy[0]["held"] in (True, False)
+    assert "baseline, on-policy DPO" in Path(summary["report"]).read_text(encoding="utf-8")

@@ -3,6 +3,8 @@
 A recipe turns `TrainSettings` into a run folder (see runs.py): it loads the starting model (a model
 name, or the final checkpoint of an earlier run for SFT -> DPO chains), builds the TRL dataset,
 attaches the LearningDynamicsCallback and trains. The reference model of DPO is the starting model.
+DPO is off-policy (the data's chosen/rejected pairs) unless `on_policy`: then every step samples two
+responses per prompt from the current policy and a judge or reward function ranks them (online.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import copy
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from learndyn.training.runs import prepare_run, read_config, write_config
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 PHASES = ("sft", "dpo")
+ONLINE_LOSSES = ("sigmoid", "ipo")  # the losses TRL's OnlineDPOTrainer implements
 
 
 @dataclass
@@ -50,6 +53,13 @@ class TrainSettings:
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: GPU if present)"})
     report_to: list[str] = field(default_factory=list, metadata={"help": "transformers report_to integrations"})
     save_model: bool = field(default=True, metadata={"help": "keep the final model in RUN/checkpoints/final"})
+    on_policy: bool = field(default=False, metadata={"help": "DPO on pairs sampled from the current policy each step"})
+    judge: str = field(default="local", metadata={"help": "ranks the two samples (on_policy): local, local:MODEL, "
+                                                           "openai:MODEL"})
+    reward: str | None = field(default=None, metadata={"help": "MODULE:FUNCTION, a TRL-style reward function used "
+                                                               "instead of the judge (on_policy)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest sampled response, in tokens (on_policy)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (on_policy)"})
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -63,6 +73,25 @@ class TrainSettings:
                 raise LearndynError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.epochs > 0 or not self.learning_rate > 0:
             raise LearndynError("epochs and learning_rate must be positive")
+        self._check_on_policy()
+
+    def _check_on_policy(self) -> None:
+        """Fail on creation, before a run folder is touched: a bad reward module or judge spec would
+        otherwise surface only after the model has loaded."""
+        if self.reward is not None and not self.on_policy:
+            raise LearndynError(f"--reward {self.reward}: a reward function ranks on-policy samples; add --on-policy")
+        if not self.on_policy:
+            return
+        if self.phase != "dpo":
+            raise LearndynError(f"on_policy applies to DPO only (train dpo --on-policy), not to phase '{self.phase}'")
+        if self.loss not in ONLINE_LOSSES:
+            raise LearndynError(f"loss '{self.loss}' has no on-policy version; valid with on_policy: "
+                                f"{', '.join(ONLINE_LOSSES)}")
+        if self.max_new_tokens < 1 or not self.temperature > 0:
+            raise LearndynError("on_policy needs max_new_tokens >= 1 and a positive temperature")
+        from learndyn.training.online import check_ranker
+
+        check_ranker(self.judge, self.reward)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainSettings:
@@ -92,20 +121,22 @@ def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = Fa
     from learndyn.training.callback import LearningDynamicsCallback
 
     run = Path(settings.out)
-    if resume and (run / "config.yaml").is_file() and read_config(run) != settings.to_dict():
+    if resume and (run / "config.yaml").is_file() and _stored_settings(run) != settings.to_dict():
         raise LearndynError(f"{run} was made with other settings; --resume needs the same ones (or use --overwrite)")
     start = _starting_point(settings)  # fail on a missing --from before touching the run folder
-    prefs = load_preferences(settings.data, limit=settings.limit, need_rejected=settings.phase == "dpo" or settings.extend)
+    need_rejected = (settings.phase == "dpo" and not settings.on_policy) or settings.extend
+    prefs = load_preferences(settings.data, limit=settings.limit, need_rejected=need_rejected)
     probes = read_probes(settings.probes, limit=settings.probe_limit)
     run = prepare_run(run, resume=resume, overwrite=overwrite)
     write_config(run, settings.to_dict())
 
     model, tokenizer = _load_trainable(start, settings.device)
-    trainer = (_sft_trainer if settings.phase == "sft" else _dpo_trainer)(settings, model, tokenizer, prefs, run)
+    trainer = _make_trainer(settings)(settings, model, tokenizer, prefs, run)
     callback = LearningDynamicsCallback(probes, run, every=settings.every, phase=settings.phase, tokenizer=tokenizer,
                                         trainer=trainer, max_length=settings.max_length)
     trainer.add_callback(callback)
-    _quiet_progress(trainer, f"{settings.phase.upper()}{' (extended)' if settings.extend else ''}")
+    _quiet_progress(trainer, f"{settings.phase.upper()}{' (extended)' if settings.extend else ''}"
+                             f"{' (on-policy)' if settings.on_policy else ''}")
     trainer.train()
     if callback.nan_step is not None:
         raise LearndynError(f"loss became NaN at step {callback.nan_step}; training stopped, "
@@ -113,6 +144,14 @@ def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = Fa
     if settings.save_model:
         save_checkpoint(trainer.model, tokenizer, run / "checkpoints" / "final")
     return run
+
+
+def _stored_settings(run: Path) -> dict[str, Any]:
+    """The settings a run was made with; settings added since (absent from its file) read as their
+    defaults, so a run from an older version still resumes."""
+    defaults = {f.name: f.default for f in fields(TrainSettings) if f.default is not MISSING}
+    defaults["from"] = defaults.pop("from_run")
+    return {**defaults, **read_config(run)}
 
 
 def final_checkpoint(run: str | Path) -> Path:
@@ -224,13 +263,42 @@ def _sft_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: lis
     return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
 
 
+def _make_trainer(settings: TrainSettings) -> Any:
+    if settings.phase == "sft":
+        return _sft_trainer
+    return _online_dpo_trainer if settings.on_policy else _dpo_trainer
+
+
+def _frozen_copy(model: Any) -> Any:
+    """The starting model as DPO's reference; TRL would rebuild it from a path (not always possible here)."""
+    reference = copy.deepcopy(model).eval()
+    for param in reference.parameters():
+        param.requires_grad_(False)
+    return reference
+
+
 def _dpo_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: list, run: Path) -> Any:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    reference = copy.deepcopy(model).eval()  # the starting model; TRL would rebuild it from a path
-    for param in reference.parameters():
-        param.requires_grad_(False)
     args = _training_args(DPOConfig, settings, run, model, beta=settings.beta, loss_type=settings.loss)
-    return DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(_rows(prefs, "dpo")),
-                      processing_class=tokenizer)
+    return DPOTrainer(model=model, ref_model=_frozen_copy(model), args=args,
+                      train_dataset=Dataset.from_list(_rows(prefs, "dpo")), processing_class=tokenizer)
+
+
+def _online_dpo_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: list, run: Path) -> Any:
+    """TRL's online DPO on the data's prompts only. Gradient checkpointing stays off: with it on, TRL
+    samples without the KV cache, recomputing the whole prefix for every new token."""
+    from datasets import Dataset
+
+    from learndyn.training.online import make_ranker, online_dpo_classes
+
+    config_cls, trainer_cls = online_dpo_classes()
+    names = {f.name for f in fields(config_cls)}  # transformers 5.x renames gradient_ to activation_checkpointing
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    args = _training_args(config_cls, settings, run, model, beta=settings.beta, loss_type=settings.loss,
+                          max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                          **{checkpointing: False})
+    prompts = [{"prompt": row["prompt"]} for row in _rows(prefs, "sft")]  # _rows refuses mixed prompt kinds
+    return trainer_cls(model=model, ref_model=_frozen_copy(model), reward_funcs=make_ranker(settings), args=args,
+                       train_dataset=Dataset.from_list(prompts), processing_class=tokenizer)
