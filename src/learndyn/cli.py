@@ -199,11 +199,18 @@ def train_dpo(
     lr: LrOpt = None, epochs: EpochsOpt = None, batch_size: BatchOpt = None, every: EveryOpt = None,
     limit: LimitOpt = None, probe_limit: ProbeLimitOpt = None, seed: SeedOpt = None, max_length: MaxLenOpt = None,
     device: DeviceOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+    on_policy: Annotated[Optional[bool], typer.Option("--on-policy/--off-policy", help="Each step, sample two responses per prompt from the current model and train on them, ranked (default: off-policy, the data's pairs).")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="Ranks the two samples (--on-policy): local, local:MODEL or openai:MODEL (default local).")] = None,
+    reward: Annotated[Optional[str], typer.Option(help="MODULE:FUNCTION, a TRL-style reward function ranking the samples instead of the judge.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest sampled response, in tokens (--on-policy; default 64).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (--on-policy; default 1.0).")] = None,
 ) -> None:
     """Direct preference optimisation (and its variants), the reference model being the starting model."""
     _train("dpo", config, dict(data=data, probes=probes, out=out_dir, model=model, from_run=from_run, loss=loss,
                                beta=beta, learning_rate=lr, epochs=epochs, batch_size=batch_size, every=every,
-                               limit=limit, probe_limit=probe_limit, seed=seed, max_length=max_length, device=device),
+                               limit=limit, probe_limit=probe_limit, seed=seed, max_length=max_length, device=device,
+                               on_policy=on_policy, judge=judge, reward=reward, max_new_tokens=max_new_tokens,
+                               temperature=temperature),
            resume, overwrite)
 
 
@@ -416,6 +423,65 @@ def judge(
     else:
         out.print(f"  win rate of A: {rate['win_rate']:.3f}, 95% bootstrap interval [{rate['ci_low']:.3f}, "
                   f"{rate['ci_high']:.3f}] (ties count half; unparsed left out)", highlight=False)
+
+
+@app.command()
+def compare(
+    data: Annotated[str, typer.Option(help="Training preference data (see `probes build --data`); a row range splits a file, e.g. data.jsonl[:400].")],
+    eval_data: Annotated[str, typer.Option(help="Held-out preference data: prompts to answer, chosen responses to score (e.g. example:test, data.jsonl[400:]).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for probes, runs, responses, verdicts, summary.json and report.html.")] = Path("learndyn-compare"),
+    model: ModelOpt = "smollm2-135m-instruct",
+    judge_spec: Annotated[str, typer.Option("--judge", help="openai:MODEL or local[:MODEL] (see `learndyn judge`).")] = "local",
+    quick: Annotated[bool, typer.Option(help="Small sizes (16 pairs, 2 SFT epochs, 1 DPO epoch, 64-token answers).")] = False,
+    on_policy: Annotated[bool, typer.Option(help="Add an arm: the baseline SFT model trained by on-policy DPO.")] = False,
+    examples: Annotated[Optional[int], typer.Option(help="Training pairs (default 32; 16 with --quick).")] = None,
+    eval_n: Annotated[Optional[int], typer.Option(help="Answer only the first N held-out prompts.")] = None,
+    sft_epochs: Annotated[Optional[float], typer.Option(help="SFT epochs (default 3; 2 with --quick).")] = None,
+    dpo_epochs: Annotated[Optional[float], typer.Option(help="DPO epochs (default 2; 1 with --quick).")] = None,
+    sft_lr: Annotated[Optional[float], typer.Option(help="SFT learning rate (default 5e-5).")] = None,
+    dpo_lr: Annotated[Optional[float], typer.Option(help="DPO learning rate (default 2e-5).")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="DPO beta (default 0.1).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer, in tokens (default 96; 64 with --quick).")] = None,
+    seed: SeedOpt = None,
+    base_url: Annotated[str, typer.Option(help="Endpoint of an openai judge.")] = "https://api.openai.com/v1",
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the openai judge's API key.")] = "OPENAI_API_KEY",
+    rate_limit: Annotated[Optional[float], typer.Option(help="At most this many requests per second (openai judge).")] = None,
+    resume: Annotated[bool, typer.Option(help="Reuse the finished runs, answers and verdicts in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start again in an --out that holds an earlier comparison.")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Baseline SFT -> DPO against extended SFT -> DPO: train both, answer held-out prompts, judge, report."""
+    from learndyn.experiments.compare import compare_settings, run_compare
+
+    settings = compare_settings(quick, data=data, eval_data=eval_data, out=str(out_dir), model=model,
+                                judge=judge_spec, on_policy=on_policy, examples=examples, eval_n=eval_n,
+                                sft_epochs=sft_epochs, dpo_epochs=dpo_epochs, sft_lr=sft_lr, dpo_lr=dpo_lr, beta=beta,
+                                max_new_tokens=max_new_tokens, seed=seed, device=device)
+    summary = run_compare(settings, resume=resume, overwrite=overwrite, console=console,
+                          judge_options=dict(base_url=base_url, api_key_env=api_key_env, rate_limit=rate_limit))
+    print_comparison(summary)
+    out.print(f"summary: {out_dir / 'summary.json'}\nreport: {Path(summary['report']).resolve()}")
+
+
+def print_comparison(summary: dict) -> None:
+    """Win rates and the intrinsic measures, as the report shows them."""
+    from rich.table import Table
+
+    from learndyn.report.comparison import MEASURES
+
+    view = Table("A", "B", "win rate of A [95% CI]", "A wins", "B wins", "ties", "unparsed",
+                 title=f"Judged by {summary['judge']} on {summary['held_out_prompts']} held-out prompts (both orders)")
+    for r in summary["win_rates"]:
+        rate = "n/a" if r["win_rate"] is None else f"{r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        view.add_row(r["a"], r["b"], rate, *(str(r[k]) for k in ("wins", "losses", "ties", "unparsed")))
+    out.print(view)
+    shown = [(k, h) for k, h in MEASURES if any(k in m for m in summary["intrinsic"].values())]
+    view = Table("checkpoint", *(h for _, h in shown), title="Intrinsic measures of the answers")
+    for name, m in summary["intrinsic"].items():
+        view.add_row(name, *("n/a" if m.get(k) is None else f"{m[k]:.3f}" if isinstance(m[k], float) else str(m[k])
+                             for k, _ in shown))
+    out.print(view)
+    print_signatures(summary["signatures"])
 
 
 def print_summary(scores) -> None:
