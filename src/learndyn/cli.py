@@ -5,7 +5,9 @@ Heavy imports (torch, transformers) happen inside commands so that `learndyn --h
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -31,6 +33,10 @@ DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 or bfloat16 (defa
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
+    # Our own bars show progress; TRL's per-dataset map bars and transformers' notices about its own
+    # renamed options (FutureWarning) say nothing a user can act on.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
         app()
     except LearndynError as err:

@@ -137,8 +137,9 @@ def _progress_bar(label: str | None, total: int, show: bool) -> Iterator[Any]:
     if label is None or not show:
         yield lambda n: None
         return
+    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
+    with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)

@@ -135,6 +135,7 @@ def score_encoded(
 ) -> Any:
     """Score pre-tokenized probes (see `encode_probes`); rows keep the order of `encoded`."""
     import pandas as pd
+    from rich.console import Console
     from rich.progress import Progress
 
     on_gpu = model.device.type != "cpu"
@@ -144,7 +145,7 @@ def score_encoded(
 
     results: dict[tuple[int, int], dict[str, float]] = {}
     total = sum(len(e.responses) for e in encoded)
-    with Progress(transient=True, disable=progress is None) as bar, _eval_mode(model):
+    with Progress(console=Console(stderr=True), transient=True, disable=progress is None) as bar, _eval_mode(model):
         task = bar.add_task(progress or "", total=total)
         for batch in _prompt_batches(encoded, batch_tokens):
             for key, stats in _score_batch(model, [encoded[i] for i in batch], batch, batch_tokens, on_gpu):

@@ -332,6 +332,7 @@ def _progress(items: list, enabled: bool, label: str) -> Iterator:
     if not enabled:
         yield from items
         return
+    from rich.console import Console
     from rich.progress import track
 
-    yield from track(items, description=label, transient=True)
+    yield from track(console=Console(stderr=True), sequence=items, description=label, transient=True)

@@ -100,6 +100,7 @@ def _train(model: nn.Module, X: Tensor, y: Tensor, order: Tensor, tracked: Tenso
     """Plain SGD, one example per step, in `order`; calls `probe` before step `probe_step`.
     Returns the sum of the tracked observations' change of log π(y_o | x_o) by (update digit,
     observed digit), the steps per update digit, and probe's result."""
+    from rich.console import Console
     from rich.progress import Progress
 
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -108,7 +109,7 @@ def _train(model: nn.Module, X: Tensor, y: Tensor, order: Tensor, tracked: Tenso
     y_o = y[tracked][:, None]  # (N, 1), sorted by digit, N/10 per digit
     with torch.no_grad():
         before = model(X[tracked]).log_softmax(-1)  # (N, 10)
-    with Progress(transient=True, disable=not progress) as bar, _one_thread():
+    with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar, _one_thread():
         task = bar.add_task("Training on digits", total=len(order))
         for step, i in enumerate(order.tolist()):
             if step == probe_step:

@@ -264,8 +264,9 @@ def _progress(label: str | None, total: int) -> Iterator[Callable[[int], None]]:
     if label is None or total == 0:
         yield lambda n: None
         return
+    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
+    with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)

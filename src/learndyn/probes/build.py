@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from rich.console import Console
 from rich.progress import Progress
 
 from learndyn.data import Preference
@@ -136,7 +137,7 @@ def _add_rephrases(probes: list[Probe], todo: list[Probe], rephraser: Rephraser,
     """Fill missing rephrase types chunk by chunk, so a failure keeps every finished chunk."""
     jobs = [(p, name) for p in todo for name in REPHRASE_TYPES if name not in p.responses
             and p.responses.get(name.split("_")[0])]
-    with Progress(transient=True) as bar:
+    with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("Rephrasing", total=len(jobs))
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]

@@ -214,13 +214,14 @@ def _training_args(config_cls: type, settings: TrainSettings, run: Path, model: 
 
 def _quiet_progress(trainer: Any, label: str) -> None:
     """A rich step bar instead of transformers' tqdm bar, which also prints every log dict."""
+    from rich.console import Console
     from rich.progress import Progress
     from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
     class StepBar(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
-                self.bar = Progress(transient=False)
+                self.bar = Progress(console=Console(stderr=True), transient=False)
                 self.bar.start()
                 self.task = self.bar.add_task(f"{label} steps", total=state.max_steps)
 
