@@ -326,3 +326,18 @@ def test_squeeze_and_digits_write_figures_and_numbers(tmp_path):
     summary = json.loads((tmp_path / "dg" / "summary.json").read_text())
     assert 0 < summary["relative_error"] < 0.2 and len(summary["influence"]["M"]) == 10
     assert (tmp_path / "dg" / "digits_influence.png").exists()
+
+
+def test_compare_bad_input_is_one_line_before_any_work(tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    result = learndyn("compare", "--data", "example", "--eval-data", str(missing), "--out", str(tmp_path / "a"))
+    assert_one_error_line(result, "missing.jsonl: file not found")
+    result = learndyn("compare", "--data", "example", "--eval-data", "example:test", "--judge", "gpt4",
+                      "--out", str(tmp_path / "b"))
+    assert_one_error_line(result, "unknown judge 'gpt4'")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    earlier = tmp_path / "c"
+    earlier.mkdir()
+    (earlier / "probes.jsonl").write_text("", encoding="utf-8")
+    result = learndyn("compare", "--data", "example", "--eval-data", "example:test", "--out", str(earlier))
+    assert_one_error_line(result, "holds an earlier comparison", "--resume", "--overwrite")

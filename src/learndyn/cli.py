@@ -448,6 +448,7 @@ def compare(
     dpo_lr: Annotated[Optional[float], typer.Option(help="DPO learning rate (default 2e-5).")] = None,
     beta: Annotated[Optional[float], typer.Option(help="DPO beta (default 0.1).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer, in tokens (default 96; 64 with --quick).")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per training sequence and scored response (default 256).")] = None,
     seed: SeedOpt = None,
     base_url: Annotated[str, typer.Option(help="Endpoint of an openai judge.")] = "https://api.openai.com/v1",
     api_key_env: Annotated[str, typer.Option(help="Environment variable holding the openai judge's API key.")] = "OPENAI_API_KEY",
@@ -462,7 +463,8 @@ def compare(
     settings = compare_settings(quick, data=data, eval_data=eval_data, out=str(out_dir), model=model,
                                 judge=judge_spec, on_policy=on_policy, examples=examples, eval_n=eval_n,
                                 sft_epochs=sft_epochs, dpo_epochs=dpo_epochs, sft_lr=sft_lr, dpo_lr=dpo_lr, beta=beta,
-                                max_new_tokens=max_new_tokens, seed=seed, device=device)
+                                max_new_tokens=max_new_tokens, max_length=max_length, seed=seed,
+                                device=device)
     summary = run_compare(settings, resume=resume, overwrite=overwrite, console=console,
                           judge_options=dict(base_url=base_url, api_key_env=api_key_env, rate_limit=rate_limit))
     print_comparison(summary)
