@@ -20,6 +20,7 @@ from learndyn.judging import (
     make_judge,
     pairwise_messages,
     parse_answer,
+    rate_text,
     read_pairs,
     read_verdicts,
     vote,
@@ -318,6 +319,7 @@ def test_win_rate_counts_ties_half_and_leaves_unparsed_out():
     assert rate["win_rate"] == pytest.approx(2.5 / 4)
     empty = win_rate(["unparsed"])
     assert empty["win_rate"] is None and empty["ci_low"] is None
+    assert rate_text(empty) == "n/a" and rate_text(win_rate(["A"] * 3)) == "1.000 [1.000, 1.000]"
     with pytest.raises(LearndynError, match="unknown verdict 'C'"):
         win_rate(["C"])
 

@@ -475,13 +475,13 @@ def print_comparison(summary: dict) -> None:
     """Win rates and the intrinsic measures, as the report shows them."""
     from rich.table import Table
 
+    from learndyn.judging.winrate import rate_text
     from learndyn.report.comparison import MEASURES
 
     view = Table("A", "B", "win rate of A [95% CI]", "A wins", "B wins", "ties", "unparsed",
                  title=f"Judged by {summary['judge']} on {summary['held_out_prompts']} held-out prompts (both orders)")
     for r in summary["win_rates"]:
-        rate = "n/a" if r["win_rate"] is None else f"{r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-        view.add_row(r["a"], r["b"], rate, *(str(r[k]) for k in ("wins", "losses", "ties", "unparsed")))
+        view.add_row(r["a"], r["b"], rate_text(r), *(str(r[k]) for k in ("wins", "losses", "ties", "unparsed")))
     out.print(view)
     shown = [(k, h) for k, h in MEASURES if any(k in m for m in summary["intrinsic"].values())]
     view = Table("checkpoint", *(h for _, h in shown), title="Intrinsic measures of the answers")

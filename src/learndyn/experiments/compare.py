@@ -237,14 +237,14 @@ def _evaluate(checkpoints: list[Checkpoint], held_out: list, settings: CompareSe
 
 
 def _judge_pair(a: str, b: str, judge: Any, out: Path, *, redo: bool, console: Console) -> dict[str, Any]:
-    from learndyn.judging import judge_files, win_rate
+    from learndyn.judging import judge_files, rate_text, win_rate
 
     files = [out / "responses" / f"{name.replace('/', '-')}.jsonl" for name in (a, b)]
     verdicts = out / "verdicts" / f"{a.replace('/', '-')}_vs_{b.replace('/', '-')}.jsonl"
     result = judge_files(*files, judge, verdicts, overwrite=redo, progress=f"Judging {a} vs {b}")
     rate = win_rate(result.rows)
-    shown = "n/a" if rate["win_rate"] is None else f"{rate['win_rate']:.3f} [{rate['ci_low']:.3f}, {rate['ci_high']:.3f}]"
-    console.print(f"  {a} vs {b}: win rate {shown}, ties {rate['ties']}, unparsed {rate['unparsed']}", highlight=False)
+    console.print(f"  {a} vs {b}: win rate {rate_text(rate)}, ties {rate['ties']}, unparsed {rate['unparsed']}",
+                  highlight=False)
     return {"a": a, "b": b, "verdicts": str(verdicts), **rate}
 
 

@@ -16,8 +16,8 @@ Nothing here imports torch until the local judge runs.
 from learndyn.judging.judges import JUDGES, Judge, Judgment, JudgingFailed, LocalJudge, OpenAIJudge, make_judge, vote
 from learndyn.judging.prompt import pairwise_messages, parse_answer
 from learndyn.judging.verdicts import Judged, Pair, judge_files, read_pairs, read_verdicts
-from learndyn.judging.winrate import win_rate
+from learndyn.judging.winrate import rate_text, win_rate
 
 __all__ = ["JUDGES", "Judge", "Judged", "Judgment", "JudgingFailed", "LocalJudge", "OpenAIJudge", "Pair",
-           "judge_files", "make_judge", "pairwise_messages", "parse_answer", "read_pairs", "read_verdicts",
+           "judge_files", "make_judge", "pairwise_messages", "parse_answer", "rate_text", "read_pairs", "read_verdicts",
            "vote", "win_rate"]

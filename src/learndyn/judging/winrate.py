@@ -15,7 +15,7 @@ from typing import Any
 
 from learndyn.errors import LearndynError
 
-__all__ = ["win_rate"]
+__all__ = ["rate_text", "win_rate"]
 
 _VERDICTS = ("A", "B", "tie", "unparsed")
 
@@ -63,3 +63,10 @@ def win_rate(
         low, high = np.percentile(rates, [tail, 100 - tail])
         result["ci_low"], result["ci_high"] = float(low), float(high)
     return result
+
+
+def rate_text(rate: Mapping[str, Any]) -> str:
+    """A `win_rate` result as "0.531 [0.312, 0.719]" (n/a without a parsed verdict), for tables."""
+    if rate["win_rate"] is None:
+        return "n/a"
+    return f"{rate['win_rate']:.3f} [{rate['ci_low']:.3f}, {rate['ci_high']:.3f}]"

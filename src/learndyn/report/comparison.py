@@ -10,6 +10,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from learndyn.judging.winrate import rate_text
 from learndyn.report.page import _fmt, _table, _td
 
 # Intrinsic measures shown, in this order: (summary key, column header).
@@ -45,8 +46,7 @@ def sections(summary: dict[str, Any], figure: bytes | None = None) -> list[tuple
 def _win_rates(summary: dict[str, Any], figure: bytes | None) -> str:
     rows = []
     for r in summary["win_rates"]:
-        rate = "n/a" if r["win_rate"] is None else f"{r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-        rows.append([_td(r["a"]), _td(r["b"]), _td(rate), _td(r["wins"]), _td(r["losses"]), _td(r["ties"]),
+        rows.append([_td(r["a"]), _td(r["b"]), _td(rate_text(r)), _td(r["wins"]), _td(r["losses"]), _td(r["ties"]),
                      _td(r["unparsed"]), _td(r["inconsistent"])])
     settings = summary["settings"]
     intro = (f"<p>{summary['held_out_prompts']} held-out prompts of <code>{html.escape(settings['eval_data'])}</code>, "
