@@ -94,6 +94,7 @@ class PhaseTimer:
         self.model, self.prompt, self.response, self.stats, self.fed, self.real = model, 0.0, 0.0, 0.0, 0, 0
         scoring.split_model(model)  # the one-time head check is not part of the timed work
         self.body = model.base_model if scoring.split_model(model).fused else model
+        self.cache_name = scoring.split_model(model).cache_name
 
     def __enter__(self):
         forward, stats = self.body.forward, scoring._token_stats
@@ -101,7 +102,7 @@ class PhaseTimer:
         def timed_forward(*args, **kwargs):
             start = time.perf_counter()
             out = forward(*args, **kwargs)
-            phase = "response" if kwargs.get("past_key_values") is not None else "prompt"
+            phase = "response" if kwargs.get(self.cache_name) is not None else "prompt"
             setattr(self, phase, getattr(self, phase) + time.perf_counter() - start)
             ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
             self.fed += ids.numel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import pandas as pd
 import pytest
@@ -228,8 +229,20 @@ def test_a_model_in_training_mode_is_scored_in_eval_mode_and_left_training(tiny_
     model.config.dropout = 0.0
     probes = [Probe("a", "prompt", {"chosen": "an answer", "rejected": "no"})]
     expected = score_probes(model, tokenizer, probes, progress=None)
-    model.gradient_checkpointing_enable()  # as TRL trainers do: in training mode it turns the KV cache off
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()  # as TRL trainers do: in training mode it turns the KV cache off
     model.train()
     scores = score_probes(model, tokenizer, probes, progress=None)
     assert model.training
     pd.testing.assert_frame_equal(scores, expected)
+
+
+def test_scoring_passes_the_cache_under_the_name_the_model_takes(tiny_model):
+    """A deprecated cache argument works today and breaks when transformers drops it (5.40)."""
+
+    model, tokenizer = tiny_model
+    encoded = random_encoded(len(tokenizer), 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        fast = score_encoded(model, encoded, batch_tokens=24, progress=None)
+    assert_same_scores(fast, score_plain(model, encoded))

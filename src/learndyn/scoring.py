@@ -22,6 +22,7 @@ position l and y_l the response token there:
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -206,13 +207,17 @@ class ModelSplit:
         self.model = model
         self.embedding = model.get_output_embeddings()
         self.fused = self.embedding is not None and self._head_is_plain()
+        # recent transformers renamed `past_key_values` to `cache` and drop the old name in 5.40
+        called = model.base_model if self.fused else model
+        self.cache_name = "cache" if "cache" in inspect.signature(called.forward).parameters else "past_key_values"
 
-    def body(self, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        if self.fused:
-            out = self.model.base_model(**kwargs)
-            return out.last_hidden_state, out.past_key_values
-        out = self.model(**kwargs)
-        return out.logits, out.past_key_values
+    def body(self, cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """Run the model; `cache` is a KV cache to continue from, and the returned one to continue."""
+        if cache is not None:
+            kwargs[self.cache_name] = cache
+        out = self.model.base_model(**kwargs) if self.fused else self.model(**kwargs)
+        new_cache = out.get(self.cache_name) if kwargs.get("use_cache") else None
+        return (out.last_hidden_state if self.fused else out.logits), new_cache
 
     def head(self, states: torch.Tensor) -> torch.Tensor:
         return self.embedding(states) if self.fused else states
@@ -282,7 +287,7 @@ def _score_responses(split: ModelSplit, cache, last, prompt_mask, prompt_lengths
             input_ids=inputs,
             attention_mask=torch.cat([prompt_mask[rows_b], resp_mask.long()], dim=1),
             position_ids=prompt_lengths[rows_b][:, None] + torch.arange(width, device=device)[None, :],
-            past_key_values=sub_cache,
+            cache=sub_cache,
             use_cache=True,
         )  # (S, R-1, D)
         states = torch.cat([states, rest[resp_mask]])  # (N, D): first tokens, then the rest, real positions only

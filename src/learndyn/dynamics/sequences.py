@@ -204,7 +204,7 @@ class SharedPromptLogits(ResponseLogits):
                                    config=self.lm.config)  # each response's copy of its prompt's cache
                 rest, _ = self.split.body(input_ids=tokens[:, :-1], attention_mask=torch.cat([mask[owner], fed], dim=1),
                                           position_ids=batch.lengths[owner][:, None] + at[None, :-1],
-                                          past_key_values=own, use_cache=True)  # (S, R-1, D)
+                                          cache=own, use_cache=True)  # (S, R-1, D)
                 h = torch.cat([h, rest], dim=1)  # (S, R, D)
             out.append(h[at[None, :] < n[:, None]])  # (Σn, D), response by response
         return self.split.head(torch.cat(out))  # (N, V)
