@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from learndyn.data import HH_MARKER, Preference, load_preferences, render_prompt
+from learndyn.data import HH_MARKER, Preference, fit_prompts, load_preferences, render_prompt
 from learndyn.errors import LearndynError
 from learndyn.vocab import REPHRASE_TYPES
 
@@ -421,6 +421,49 @@ def test_render_prompt_conversation_without_chat_template_is_an_error(tiny_token
     tiny_tokenizer.chat_template = None
     with pytest.raises(LearndynError, match="chat template"):
         render_prompt(CONV, tiny_tokenizer)
+
+
+# ---------------------------------------------------------------- fit_prompts
+
+
+def n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_fit_prompts_keeps_the_last_tokens_of_long_text_prompts_and_leaves_short_ones(tiny_tokenizer):
+    long_prompt = "Human: " + " ".join(f"question {i} about tea?" for i in range(40)) + "\n\nAssistant:"
+    prefs = [Preference("short", "Say hi.", "Hi there!", "Go away."),
+             Preference("long", long_prompt, "Boil the water.", "I cannot help with that, sorry.")]
+    fitted, cut = fit_prompts(prefs, tiny_tokenizer, 64)
+    assert cut == 1 and fitted[0] is prefs[0]
+    prompt = fitted[1].prompt
+    assert long_prompt.endswith(prompt) and prompt.endswith("\n\nAssistant:")
+    longest = n_tokens(tiny_tokenizer, prefs[1].rejected) + 1
+    assert 64 - longest - 4 <= n_tokens(tiny_tokenizer, prompt) <= 64 - longest  # all the room, no more
+    assert (fitted[1].chosen, fitted[1].rejected, fitted[1].example_id) == (prefs[1].chosen, prefs[1].rejected, "long")
+
+
+def test_fit_prompts_leaves_the_prompt_half_the_limit_when_the_response_is_longer(tiny_tokenizer):
+    prompt = " ".join(f"word{i}" for i in range(200))
+    (fitted,), cut = fit_prompts([Preference("a", prompt, "a long answer " * 60, None)], tiny_tokenizer, 64)
+    assert cut == 1 and 28 <= n_tokens(tiny_tokenizer, fitted.prompt) <= 32  # the scorer's policy: half of 64
+
+
+def test_fit_prompts_drops_the_oldest_turns_of_a_conversation_but_not_its_system_message(tiny_tokenizer):
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": role, "content": f"{role} {i}: tea"} for i in range(6) for role in ("user", "assistant")][:-1]
+
+    def length(messages):
+        return n_tokens(tiny_tokenizer, render_prompt(messages, tiny_tokenizer))
+
+    (fitted,), cut = fit_prompts([Preference("a", [system, *turns], "Yes.", "No.")], tiny_tokenizer, 128)
+    kept = fitted.prompt
+    assert cut == 1 and kept[0] == system and kept[1]["role"] == "user" and kept[-1] == turns[-1]
+    start = len(turns) - (len(kept) - 1)
+    assert 0 < start < len(turns) - 1
+    assert length(kept) <= 128 - 4 and length([system, *turns[start - 2:]]) > 128 - 4  # the most that fits
+    whole, none_cut = fit_prompts([Preference("a", [system, *turns], "Yes.", "No.")], tiny_tokenizer, 4096)
+    assert none_cut == 0 and whole[0].prompt == [system, *turns]
 
 
 HH_PROBES = Path(__file__).parents[2] / "shared/data/hh_helpful_probes/train.jsonl"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -157,6 +158,35 @@ def test_bad_inputs_are_one_line_errors(tiny_folder, probes, tmp_path):
     with pytest.raises(LearndynError, match="unknown setting"):
         TrainSettings.from_dict({**base, "learning_rte": 1.0})
     assert not (tmp_path / "r").exists()  # nothing half-made
+
+
+def test_prompts_too_long_for_max_length_are_cut_and_trained_on_not_dropped(tiny_folder, probes, tmp_path, caplog):
+    """TRL keeps the start of a long sequence and drops rows left without response tokens."""
+    rows = [{"prompt": f"Human: {'tell me about tea and horses ' * 20}{i}?\n\nAssistant:",
+             "chosen": "Boil the water.", "rejected": "No."} for i in range(4)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_probes(probes, tmp_path / "p.jsonl")
+    common = dict(data=str(tmp_path / "long.jsonl"), probes=str(tmp_path / "p.jsonl"), batch_size=2, epochs=1,
+                  every=1, learning_rate=1e-3, max_length=64)
+    sft = train(TrainSettings(phase="sft", out=str(tmp_path / "sft"), model=str(tiny_folder), **common))
+    dpo = train(TrainSettings(phase="dpo", out=str(tmp_path / "dpo"), from_run=str(sft), **common))
+    for run in (sft, dpo):
+        assert sorted(set(read_metrics(run)["step"])) == [0, 1, 2]  # 4 rows / 2 per step: none left out
+    assert "4 of 4 prompts are too long for max_length 64" in caplog.text
+    assert "left out" not in caplog.text
+
+
+def test_rows_that_trl_still_leaves_out_are_counted_in_a_warning(tiny_folder, probes, tmp_path, caplog):
+    huge = [{"role": "user", "content": "tell me about tea and horses " * 20}]  # one turn: nothing to cut
+    rows = [{"prompt": huge if i < 2 else [{"role": "user", "content": "Hi?"}], "chosen": "Hello.", "rejected": "No."}
+            for i in range(4)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_probes(probes, tmp_path / "p.jsonl")
+    run = train(TrainSettings(phase="sft", out=str(tmp_path / "sft"), model=str(tiny_folder), max_length=64,
+                              data=str(tmp_path / "chat.jsonl"), probes=str(tmp_path / "p.jsonl"), batch_size=2,
+                              epochs=1, every=1, learning_rate=1e-3))
+    assert "TRL left out 2 of 4 training rows that do not fit in max_length 64" in caplog.text
+    assert sorted(set(read_metrics(run)["step"])) == [0, 1]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")

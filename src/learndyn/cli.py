@@ -175,7 +175,7 @@ EveryOpt = Annotated[Optional[int], typer.Option(help="Score probes every N opti
 LimitOpt = Annotated[Optional[int], typer.Option(help="Train on the first N examples only.")]
 ProbeLimitOpt = Annotated[Optional[int], typer.Option(help="Track the first N probe prompts only.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed (default 0).")]
-MaxLenOpt = Annotated[Optional[int], typer.Option(help="Tokens per sequence (default 512).")]
+MaxLenOpt = Annotated[Optional[int], typer.Option(help="Tokens per sequence (default 512); a longer prompt keeps its last tokens.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue a run folder that holds metrics (same settings).")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace a run folder's metrics and checkpoints.")]
 

@@ -14,7 +14,7 @@ import itertools
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,43 @@ def render_prompt(prompt: Prompt, tokenizer: Any) -> str:
             "give plain-text prompts or a chat model"
         )
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def fit_prompts(prefs: list[Preference], tokenizer: Any, max_length: int) -> tuple[list[Preference], int]:
+    """Shorten the prompts that leave their longest response no room in `max_length` tokens; returns
+    the preferences and how many prompts were cut.
+
+    TRL keeps the start of a sequence that is too long and drops the rows left without a response
+    token, so without this a long prompt is silently never trained on (15% of HH prompts at 256
+    tokens). The cut follows the scorer's policy (`scoring.encode_probes`): the prompt keeps its most
+    recent tokens, at least half of `max_length`. A text prompt loses its first tokens; a conversation
+    loses its oldest turns (it then starts at a user turn, after any system message), never its last.
+    """
+    fitted, cut = [], 0
+    for pref in prefs:
+        longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in (pref.chosen, pref.rejected)
+                      if r is not None) + 1  # EOS
+        room = max(max_length - longest, max_length // 2) - 2  # 2: special tokens, merges across the cut
+        prompt = _cut_text(pref.prompt, tokenizer, room) if isinstance(pref.prompt, str) else \
+            _cut_turns(pref.prompt, tokenizer, room)
+        cut += prompt != pref.prompt
+        fitted.append(pref if prompt == pref.prompt else replace(pref, prompt=prompt))
+    return fitted, cut
+
+
+def _cut_text(prompt: str, tokenizer: Any, room: int) -> str:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return prompt if len(ids) <= room else tokenizer.decode(ids[len(ids) - room:])
+
+
+def _cut_turns(prompt: Messages, tokenizer: Any, room: int) -> Messages:
+    head = prompt[:1] if prompt[0]["role"] == "system" else []
+    starts = [len(head), *(i for i, m in enumerate(prompt) if i > len(head) and m["role"] == "user")]
+    for start in starts:  # oldest first: keep as much of the conversation as fits
+        kept = head + prompt[start:]
+        if len(tokenizer(render_prompt(kept, tokenizer), add_special_tokens=False)["input_ids"]) <= room:
+            return kept
+    return head + prompt[starts[-1]:]
 
 
 def load_preferences(spec: str, *, limit: int | None = None, need_rejected: bool = True) -> list[Preference]:

@@ -10,6 +10,7 @@ responses per prompt from the current policy and a judge or reward function rank
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ from typing import Any
 from learndyn.errors import LearndynError
 from learndyn.models import BUILTIN_MODEL
 from learndyn.training.runs import prepare_run, read_config, write_config
+
+log = logging.getLogger(__name__)
 
 # TRL 1.x DPOConfig.loss_type values (single losses).
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -45,7 +48,8 @@ class TrainSettings:
     epochs: float = field(default=2.0, metadata={"help": "passes over the training data"})
     batch_size: int = field(default=8, metadata={"help": "examples per optimizer step (per device)"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    max_length: int = field(default=512, metadata={"help": "tokens per training sequence and probe"})
+    max_length: int = field(default=512, metadata={"help": "tokens per training sequence and probe; "
+                                                                 "a longer prompt keeps its last tokens"})
     every: int = field(default=2, metadata={"help": "score the probes every N optimizer steps"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
     probe_limit: int | None = field(default=None, metadata={"help": "track only the first N probe prompts"})
@@ -116,7 +120,7 @@ class TrainSettings:
 
 def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Run one tracked phase; returns the run folder. Interrupting it keeps the evaluations written."""
-    from learndyn.data import load_preferences
+    from learndyn.data import fit_prompts, load_preferences
     from learndyn.probes.files import read_probes
     from learndyn.training.callback import LearningDynamicsCallback
 
@@ -131,6 +135,10 @@ def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = Fa
     write_config(run, settings.to_dict())
 
     model, tokenizer = _load_trainable(start, settings.device)
+    prefs, cut = fit_prompts(prefs, tokenizer, settings.max_length)
+    if cut:
+        log.warning(f"{run}: {cut} of {len(prefs)} prompts are too long for max_length {settings.max_length} "
+                    "with their responses; each keeps its last tokens")
     trainer = _make_trainer(settings)(settings, model, tokenizer, prefs, run)
     callback = LearningDynamicsCallback(probes, run, every=settings.every, phase=settings.phase, tokenizer=tokenizer,
                                         trainer=trainer, max_length=settings.max_length)
@@ -261,7 +269,8 @@ def _sft_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: lis
 
     rows = _rows(prefs, "sft-extended" if settings.extend else "sft")
     args = _training_args(SFTConfig, settings, run, model, completion_only_loss=True)
-    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    return _warn_dropped(trainer, len(rows), run)
 
 
 def _make_trainer(settings: TrainSettings) -> Any:
@@ -283,8 +292,19 @@ def _dpo_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: lis
     from trl import DPOConfig, DPOTrainer
 
     args = _training_args(DPOConfig, settings, run, model, beta=settings.beta, loss_type=settings.loss)
-    return DPOTrainer(model=model, ref_model=_frozen_copy(model), args=args,
-                      train_dataset=Dataset.from_list(_rows(prefs, "dpo")), processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, ref_model=_frozen_copy(model), args=args,
+                         train_dataset=Dataset.from_list(_rows(prefs, "dpo")), processing_class=tokenizer)
+    return _warn_dropped(trainer, len(prefs), run)
+
+
+def _warn_dropped(trainer: Any, given: int, run: Path) -> Any:
+    """Say so when TRL left rows out (a response cut away whole: a conversation whose last turn alone
+    fills max_length); `fit_prompts` prevents it for every other row."""
+    kept = len(trainer.train_dataset)
+    if kept < given:
+        log.warning(f"{run}: TRL left out {given - kept} of {given} training rows that do not fit in max_length "
+                    f"{trainer.args.max_length}; a larger max_length keeps them")
+    return trainer
 
 
 def _online_dpo_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: list, run: Path) -> Any:
