@@ -341,3 +341,18 @@ def test_compare_bad_input_is_one_line_before_any_work(tmp_path):
     (earlier / "probes.jsonl").write_text("", encoding="utf-8")
     result = learndyn("compare", "--data", "example", "--eval-data", "example:test", "--out", str(earlier))
     assert_one_error_line(result, "holds an earlier comparison", "--resume", "--overwrite")
+
+
+def test_compare_table_counts_the_pairs_whose_two_orders_disagreed(capsys, monkeypatch):
+    from learndyn import cli
+    from learndyn.cli import print_comparison
+
+    monkeypatch.setattr(cli.out, "width", 200)  # one line per table row
+
+    rate = {"a": "extended/dpo", "b": "baseline/dpo", "win_rate": 0.75, "ci_low": 0.5, "ci_high": 1.0, "wins": 1,
+            "losses": 0, "ties": 1, "unparsed": 0, "inconsistent": 7}
+    print_comparison({"judge": "local", "held_out_prompts": 2, "win_rates": [rate], "intrinsic": {}, "signatures": []})
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "win rate of A" in line).replace("┃", "│")
+    row = next(line for line in lines if "extended/dpo" in line)
+    assert header.split("│")[-2].strip() == "orders disagreed" and row.split("│")[-2].strip() == "7"

@@ -478,10 +478,10 @@ def print_comparison(summary: dict) -> None:
     from learndyn.judging.winrate import rate_text
     from learndyn.report.comparison import MEASURES
 
-    view = Table("A", "B", "win rate of A [95% CI]", "A wins", "B wins", "ties", "unparsed",
+    view = Table("A", "B", "win rate of A [95% CI]", "A wins", "B wins", "ties", "unparsed", "orders disagreed",
                  title=f"Judged by {summary['judge']} on {summary['held_out_prompts']} held-out prompts (both orders)")
     for r in summary["win_rates"]:
-        view.add_row(r["a"], r["b"], rate_text(r), *(str(r[k]) for k in ("wins", "losses", "ties", "unparsed")))
+        view.add_row(r["a"], r["b"], rate_text(r), *(str(r[k]) for k in ("wins", "losses", "ties", "unparsed", "inconsistent")))
     out.print(view)
     shown = [(k, h) for k, h in MEASURES if any(k in m for m in summary["intrinsic"].values())]
     view = Table("checkpoint", *(h for _, h in shown), title="Intrinsic measures of the answers")

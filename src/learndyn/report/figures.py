@@ -57,7 +57,7 @@ def draw(arms: list[Arm], change: bool = False) -> Figure:
     for ax in axes[len(panels):]:
         fig.delaxes(ax)  # the grid's unused cells
     what = "change in mean logp_sum since step 0" if change else "mean logp_sum per response type"
-    fig.suptitle(f"{what} ({', '.join(a.label for a in arms)})")
+    fig.suptitle(f"{what} ({'; '.join(a.label for a in arms)})")
     if len(arms) > 1:
         handles = [Line2D([], [], color="black", linestyle=STYLES[i % len(STYLES)], label=arm.label)
                    for i, arm in enumerate(arms)]
