@@ -61,6 +61,12 @@ def render_prompt(prompt: Prompt, tokenizer: Any) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
+def prompt_room(max_length: int, longest: int) -> int:
+    """Tokens a prompt may keep beside its longest response: what is left, but at least half of
+    `max_length` (a long response gets cut rather than its context lost). Scoring and training share it."""
+    return max(max_length - longest, max_length // 2)
+
+
 def fit_prompts(prefs: list[Preference], tokenizer: Any, max_length: int) -> tuple[list[Preference], int]:
     """Shorten the prompts that leave their longest response no room in `max_length` tokens; returns
     the preferences and how many prompts were cut.
@@ -68,14 +74,14 @@ def fit_prompts(prefs: list[Preference], tokenizer: Any, max_length: int) -> tup
     TRL keeps the start of a sequence that is too long and drops the rows left without a response
     token, so without this a long prompt is silently never trained on (15% of HH prompts at 256
     tokens). The cut follows the scorer's policy (`scoring.encode_probes`): the prompt keeps its most
-    recent tokens, at least half of `max_length`. A text prompt loses its first tokens; a conversation
+    recent tokens (`prompt_room`). A text prompt loses its first tokens; a conversation
     loses its oldest turns (it then starts at a user turn, after any system message), never its last.
     """
     fitted, cut = [], 0
     for pref in prefs:
         longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in (pref.chosen, pref.rejected)
                       if r is not None) + 1  # EOS
-        room = max(max_length - longest, max_length // 2) - 2  # 2: special tokens, merges across the cut
+        room = prompt_room(max_length, longest) - 2  # 2: special tokens, merges across the cut
         prompt = _cut_text(pref.prompt, tokenizer, room) if isinstance(pref.prompt, str) else \
             _cut_turns(pref.prompt, tokenizer, room)
         cut += prompt != pref.prompt

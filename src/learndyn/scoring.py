@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from learndyn.atomic import atomic_path
-from learndyn.data import render_prompt
+from learndyn.data import prompt_room, render_prompt
 from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe
 from learndyn.vocab import TYPE_NAMES
@@ -90,7 +90,7 @@ def encode_probes(
         if max_length is not None:
             longest = max(len(ids) for _, ids in responses)
             if len(prompt_ids) + longest > max_length:
-                keep = min(len(prompt_ids), max(max_length - longest, max_length // 2))
+                keep = min(len(prompt_ids), prompt_room(max_length, longest))
                 prompt_ids = prompt_ids[len(prompt_ids) - keep:]
             room = max_length - len(prompt_ids)
             responses = [(t, ids[:room], len(ids) > room) for t, ids in responses]
