@@ -2,6 +2,7 @@
 
 import sys
 
+import torch.distributed as dist
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
@@ -19,3 +20,6 @@ trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_ro
                      processing_class=tokenizer)
 trainer.add_callback(LearningDynamicsCallback(probes, out=run, every=1))
 trainer.train()
+# Without this, gloo's worker threads now and then abort the interpreter at exit (SIGABRT,
+# "terminate called without an active exception"); the process group belongs to the script.
+dist.destroy_process_group()
