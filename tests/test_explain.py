@@ -17,7 +17,7 @@ from learndyn.dynamics.sequences import (
 from learndyn.dynamics.updates import OptimizerRule
 from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe
-from learndyn.scoring import split_model
+from learndyn.scoring import can_pad_prompts, split_model
 
 UPDATE = [
     Preference("u0", "Human: How do I make tea? Assistant:", " Boil the water, then steep.", " I cannot help."),
@@ -133,13 +133,15 @@ def test_prompt_sharing_equals_full_sequences(request, fixture, budget, fused):
     tangent = {n: torch.randn_like(p) for n, p in params.items()}
     full, shared = ResponseLogits(model), SharedPromptLogits(model)
     tol = 1e-12 if fixture == "tiny_gpt2" else 1e-6  # relative, in norm (Llama: float32 softmax, see above)
-    batches = list(probe_batches(obs, budget))
-    if budget == 1:
-        assert len(batches) == len(obs.ids)
-    else:  # each prompt's responses together, and prompts together
-        assert sorted(len(part) for groups in batches for part in groups) == [1, 2, 2, 3] and max(map(len, batches)) > 1
     try:
         with _explain_mode(model), torch.no_grad():
+            pad = can_pad_prompts(model)  # float64 eager: no (tests/test_attention_variants.py mixes lengths in float32)
+            batches = list(probe_batches(obs, budget, pad=pad))
+            if budget == 1:
+                assert len(batches) == len(obs.ids)
+            else:  # each prompt's responses together, and prompts together where they may be padded
+                assert sorted(len(part) for groups in batches for part in groups) == [1, 2, 2, 3]
+                assert max(map(len, batches)) > 1 if pad else all(len({obs.starts[p[0]] for p in b}) == 1 for b in batches)
             for groups in batches:
                 batch = probe_batch(obs, groups, budget, model.device)
                 z, dz = torch.func.jvp(lambda p: torch.func.functional_call(shared, p, (batch,)), (params,), (tangent,))

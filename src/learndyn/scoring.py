@@ -148,7 +148,7 @@ def score_encoded(
     total = sum(len(e.responses) for e in encoded)
     with Progress(console=Console(stderr=True), transient=True, disable=progress is None) as bar, _eval_mode(model):
         task = bar.add_task(progress or "", total=total)
-        for batch in _prompt_batches(encoded, batch_tokens):
+        for batch in _prompt_batches(encoded, batch_tokens, pad=can_pad_prompts(model)):
             for key, stats in _score_batch(model, [encoded[i] for i in batch], batch, batch_tokens, on_gpu):
                 results[key] = stats
                 bar.advance(task)
@@ -187,10 +187,10 @@ def pack_runs(lengths: Sequence[int], budget: int, max_waste: float = 0.1) -> li
     return runs
 
 
-def _prompt_batches(encoded: Sequence[EncodedPrompt], batch_tokens: int) -> list[list[int]]:
-    """Groups of prompts of similar length (indices into `encoded`)."""
+def _prompt_batches(encoded: Sequence[EncodedPrompt], batch_tokens: int, pad: bool = True) -> list[list[int]]:
+    """Groups of prompts of similar length (indices into `encoded`); of equal length unless `pad`."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].prompt_ids))
-    runs = pack_runs([len(encoded[i].prompt_ids) for i in order], batch_tokens)
+    runs = pack_runs([len(encoded[i].prompt_ids) for i in order], batch_tokens, max_waste=0.1 if pad else 0.0)
     return [order[start:stop] for start, stop in runs]
 
 
@@ -223,6 +223,15 @@ class ModelSplit:
         return self.embedding(states) if self.fused else states
 
     def _head_is_plain(self) -> bool:
+        """Post-processing the config declares, or any difference beyond rounding, keeps the model's forward.
+
+        Both are needed: a random or freshly initialised model has logits so small that soft-capping
+        (c·tanh(z/c), Gemma-2) is the identity to 1e-5, yet shifts argmax_prob by 2e-5 relative.
+        """
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        for name, neutral in _LOGIT_POSTPROCESSING.items():
+            if getattr(config, name, neutral) not in (neutral, None):
+                return False
         ids = torch.tensor([[0, 1, 2, 3]], device=self.model.device)
         try:
             logits = self.model(input_ids=ids).logits
@@ -230,7 +239,14 @@ class ModelSplit:
         except Exception:  # an unusual architecture: keep its own forward
             return False
         fused = self.embedding(hidden)
-        return fused.shape == logits.shape and torch.allclose(fused.float(), logits.float(), rtol=1e-3, atol=1e-4)
+        eps = torch.finfo(logits.dtype).eps
+        return fused.shape == logits.shape and torch.allclose(fused.float(), logits.float(), rtol=8 * eps, atol=8 * eps)
+
+
+# Config fields (and their do-nothing values) of transformers models that change logits after the LM head.
+_LOGIT_POSTPROCESSING: dict[str, Any] = {
+    "final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0, "output_multiplier": 1.0,
+}
 
 
 _SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -242,19 +258,59 @@ def split_model(model: Any) -> ModelSplit:
     return _SPLITS[model]
 
 
+def can_pad_prompts(model: Any) -> bool:
+    """Whether prompts of different lengths may share a batch (left-padded).
+
+    A left pad slot's query sees no key. Eager attention takes its softmax in float32, where a
+    float64 model's mask minimum becomes -inf and such a row NaN, which the pad slots' keys and
+    values then spread to every real token. Such models get batches of equal-length prompts.
+    """
+    return not (model.dtype == torch.float64 and getattr(model.config, "_attn_implementation", None) == "eager")
+
+
+def left_padded(prompts: Sequence[Sequence[int]], device: Any) -> tuple[torch.Tensor, ...]:
+    """Prompts padded on the left: ids (B, P), mask (B, P), position ids (B, P) and lengths (B,).
+
+    Left, because responses continue in the cache slots after the widest prompt: every prompt then
+    ends where its responses begin, so no pad slot sits between a response and its prompt. Windowed
+    attention (sliding windows, chunks) counts cache slots, not positions; right padding put pad
+    slots inside a shorter prompt's window and scored it wrongly (tests/test_attention_variants.py).
+    """
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
+    width = int(lengths.max())
+    ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(p, device=device)
+    pad = (width - lengths)[:, None]  # (B, 1)
+    at = torch.arange(width, device=device)[None, :]  # (1, P)
+    mask = (at >= pad).long()  # (B, P)
+    positions = (at - pad).clamp_min(0)  # (B, P): real positions; pad slots (masked) take 0
+    return ids, mask, positions, lengths
+
+
+def full_cache(cache: Any = None, rows: torch.Tensor | None = None) -> Any:
+    """An uncropped KV cache: empty, or `rows` of `cache` (each response gets its prompt's copy).
+
+    Uncropped, because transformers' sliding-window and chunked cache layers keep only the last
+    window of slots and count their length from what they were given: a copy made from such a layer
+    would misplace the attention mask (relative errors of 1e-3 to 4e-2 on tiny models). A full
+    cache lets the model's own mask functions apply the window, exactly as in one long forward.
+    """
+    from transformers import DynamicCache
+
+    if cache is None:
+        return DynamicCache()
+    return DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in cache.layers])
+
+
 def _score_batch(model: Any, prompts: list[EncodedPrompt], index: list[int], batch_tokens: int, on_gpu: bool):
     """Run the prompts once, then their responses in length-sorted chunks on the shared cache."""
     split = split_model(model)
     device = model.device
-    lengths = torch.tensor([len(p.prompt_ids) for p in prompts], device=device)  # (B,)
-    width = int(lengths.max())
-    ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)  # right padding
-    for b, p in enumerate(prompts):
-        ids[b, : len(p.prompt_ids)] = torch.tensor(p.prompt_ids, device=device)
-    mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()  # (B, P)
-    positions = torch.arange(width, device=device).expand(len(prompts), -1)
-    states, cache = split.body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    last = states[torch.arange(len(prompts), device=device), lengths - 1]  # (B, D): predicts response token 1
+    ids, mask, positions, lengths = left_padded([p.prompt_ids for p in prompts], device)
+    states, cache = split.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=full_cache(),
+                               use_cache=True)
+    last = states[:, -1]  # (B, D): predicts response token 1
 
     jobs = sorted(((b, j) for b, p in enumerate(prompts) for j in range(len(p.responses))),
                   key=lambda bj: len(prompts[bj[0]].responses[bj[1]][1]))
@@ -268,8 +324,6 @@ def _score_batch(model: Any, prompts: list[EncodedPrompt], index: list[int], bat
 
 def _score_responses(split: ModelSplit, cache, last, prompt_mask, prompt_lengths, rows, chunk_rows: int):
     """Teacher-force `rows` = [(prompt row b, response ids)] on top of the prompts' cache."""
-    from transformers import DynamicCache
-
     device = last.device
     rows_b = torch.tensor([b for b, _ in rows], device=device)  # (S,)
     n = torch.tensor([len(ids) for _, ids in rows], device=device)  # (S,) tokens to predict
@@ -281,8 +335,7 @@ def _score_responses(split: ModelSplit, cache, last, prompt_mask, prompt_lengths
         inputs = targets[:, :-1]  # (S, R-1): the last token is predicted, never fed
         width = inputs.shape[1]
         resp_mask = torch.arange(width, device=device)[None, :] < (n - 1)[:, None]  # (S, R-1)
-        sub_cache = DynamicCache([(layer.keys[rows_b], layer.values[rows_b]) for layer in cache.layers],
-                                 config=split.model.config)
+        sub_cache = full_cache(cache, rows_b)
         rest, _ = split.body(
             input_ids=inputs,
             attention_mask=torch.cat([prompt_mask[rows_b], resp_mask.long()], dim=1),

@@ -51,7 +51,7 @@ from learndyn.dynamics.sequences import (
 from learndyn.dynamics.updates import OptimizerRule, plan_step
 from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe
-from learndyn.scoring import context_length
+from learndyn.scoring import can_pad_prompts, context_length
 
 # Positions reduced at once. (128, V) float32 blocks (25 MB at V=49k) stay under glibc's largest mmap
 # threshold, so the temporaries are reused instead of faulted in afresh: on CPU 2x faster than 256 rows.
@@ -133,7 +133,7 @@ def explain_step(
         t0 = time.perf_counter()
         head, rows = SharedPromptLogits(model), []
         token_text = functools.cache(lambda t: tokenizer.decode([t]))
-        for groups in _progress(list(probe_batches(obs, chunk_tokens)), progress, "Explaining"):
+        for groups in _progress(list(probe_batches(obs, chunk_tokens, pad=can_pad_prompts(model))), progress, "Explaining"):
             batch = probe_batch(obs, groups, chunk_tokens, model.device)
             rows.extend(_explain_batch(head, params, after, causes, stacked, obs, batch, rule, top_k, token_text))
         timings["probes_s"] = time.perf_counter() - t0
@@ -311,20 +311,26 @@ def rank_correlation(a: Any, b: Any) -> float | None:
 
 @contextmanager
 def _explain_mode(model: Any) -> Iterator[None]:
-    """Dropout off and eager attention (sdpa has no forward-mode AD rule); both restored after."""
+    """Dropout off, eager attention (sdpa has no forward-mode AD rule) and eager mixture-of-experts
+    layers (nor has grouped_mm: Mixtral, GPT-OSS); all restored after."""
     if model is None:
         yield
         return
-    was_training, attn = model.training, getattr(model.config, "_attn_implementation", None)
+    was_training = model.training
+    attn = getattr(model.config, "_attn_implementation", None)
+    experts = getattr(model.config, "_experts_implementation", None)
     model.eval()
-    switched = attn not in (None, "eager")
-    if switched:
+    if attn not in (None, "eager"):
         model.set_attn_implementation("eager")
+    if experts not in (None, "eager"):
+        model.set_experts_implementation("eager")
     try:
         yield
     finally:
-        if switched:
+        if attn not in (None, "eager"):
             model.set_attn_implementation(attn)
+        if experts not in (None, "eager"):
+            model.set_experts_implementation(experts)
         model.train(was_training)
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from learndyn.data import Preference, render_prompt
 from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe
-from learndyn.scoring import encode_probes, pack_runs, split_model
+from learndyn.scoring import encode_probes, full_cache, left_padded, pack_runs, split_model
 
 
 @dataclass
@@ -111,7 +111,9 @@ class ProbeBatch:
     """Probe responses that share prompts: the prompts run once, then the responses on their KV cache,
     in runs of similar length (one forward pass each). N counts the response positions."""
 
-    prompts: Tensor  # (B, P) prompt ids, right-padded
+    prompts: Tensor  # (B, P) prompt ids, left-padded so that responses follow their prompt (scoring.left_padded)
+    mask: Tensor  # (B, P) 1 on prompt tokens
+    positions: Tensor  # (B, P) position ids of the prompt tokens
     lengths: Tensor  # (B,) prompt lengths
     runs: list[tuple[Tensor, Tensor, Tensor]]  # per run: prompt row (S,), response ids (S, R) padded, lengths (S,)
     index: list[int]  # the sequence of each response, in run order (the order of the output rows)
@@ -120,12 +122,13 @@ class ProbeBatch:
     position: Tensor  # (N,) position within the response
 
 
-def probe_batches(seqs: Sequences, budget: int) -> Iterator[list[list[int]]]:
+def probe_batches(seqs: Sequences, budget: int, pad: bool = True) -> Iterator[list[list[int]]]:
     """Batches of probe sequences, as lists of groups that share a prompt, of about `budget` tokens.
 
     A batch costs its padded prompts plus its responses. All responses of a prompt go in one batch
     (so the prompt runs once), unless they alone pass the budget: then they are split, and the prompt
-    runs once per part. Prompts are taken by length, so their padding stays small.
+    runs once per part. Prompts are taken by length, so their padding stays small; without `pad`
+    (see `scoring.can_pad_prompts`) a batch holds prompts of one length only.
     """
     groups: dict[int, list[int]] = {}
     for i, k in enumerate(seqs.prompt):
@@ -145,7 +148,8 @@ def probe_batches(seqs: Sequences, budget: int) -> Iterator[list[list[int]]]:
     for part in parts:  # ascending prompt length: the newest part has the longest prompt
         prompt, more = seqs.starts[part[0]], sum(size(i) for i in part)
         padded = (len(batch) + 1) * prompt + responses + more
-        if batch and (padded > budget or prompts + prompt + responses + more < 0.9 * padded):
+        mixed = batch and prompt != seqs.starts[batch[0][0]]
+        if batch and (padded > budget or prompts + prompt + responses + more < 0.9 * padded or (mixed and not pad)):
             yield batch
             batch, prompts, responses = [], 0, 0
         batch.append(part)
@@ -156,10 +160,7 @@ def probe_batches(seqs: Sequences, budget: int) -> Iterator[list[list[int]]]:
 
 def probe_batch(seqs: Sequences, groups: list[list[int]], budget: int, device: Any) -> ProbeBatch:
     """Tensors for one batch of `probe_batches`: prompt rows, then responses in length-sorted runs."""
-    lengths = [seqs.starts[g[0]] for g in groups]
-    prompts = torch.zeros((len(groups), max(lengths)), dtype=torch.long)
-    for b, g in enumerate(groups):
-        prompts[b, : lengths[b]] = torch.tensor(seqs.ids[g[0]][: lengths[b]])
+    prompts, mask, positions, lengths = left_padded([seqs.ids[g[0]][: seqs.starts[g[0]]] for g in groups], device)
     size = lambda i: len(seqs.ids[i]) - seqs.starts[i]  # noqa: E731
     jobs = sorted(((b, i) for b, g in enumerate(groups) for i in g), key=lambda bi: size(bi[1]))  # (prompt row, seq)
     response = [seqs.ids[i][seqs.starts[i]:] for _, i in jobs]  # ids incl. EOS: all predicted, all but the last fed
@@ -172,7 +173,7 @@ def probe_batch(seqs: Sequences, groups: list[list[int]], budget: int, device: A
         runs.append((torch.tensor([b for b, _ in jobs[lo:hi]], device=device), tokens.to(device), n.to(device)))
     as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     return ProbeBatch(
-        prompts=prompts.to(device), lengths=as_t(lengths), runs=runs, index=[i for _, i in jobs],
+        prompts=prompts, mask=mask, positions=positions, lengths=lengths, runs=runs, index=[i for _, i in jobs],
         labels=as_t([t for r in response for t in r]),
         seq=as_t([s for s, r in enumerate(response) for _ in r]),
         position=as_t([j for r in response for j in range(len(r))]),
@@ -185,23 +186,17 @@ class SharedPromptLogits(ResponseLogits):
     too, so every output equals that of the full (prompt + response) sequence, value and tangent."""
 
     def forward(self, batch: ProbeBatch) -> Tensor:  # type: ignore[override]
-        from transformers import DynamicCache
-
-        device = batch.prompts.device
-        rows, width = batch.prompts.shape
-        at = torch.arange(width, device=device)
-        mask = (at[None, :] < batch.lengths[:, None]).long()  # (B, P)
-        states, cache = self.split.body(input_ids=batch.prompts, attention_mask=mask,
-                                        position_ids=at.expand(rows, -1), use_cache=True)  # (B, P, D)
-        last = states[torch.arange(rows, device=device), batch.lengths - 1]  # (B, D): predicts each first token
+        device, mask = batch.prompts.device, batch.mask
+        states, cache = self.split.body(input_ids=batch.prompts, attention_mask=mask, position_ids=batch.positions,
+                                        cache=full_cache(), use_cache=True)  # (B, P, D)
+        last = states[:, -1]  # (B, D): predicts each first token
         out = []
         for owner, tokens, n in batch.runs:  # owner (S,), tokens (S, R), n (S,)
             h = last[owner][:, None]  # (S, 1, D)
             at = torch.arange(tokens.shape[1], device=device)
             if tokens.shape[1] > 1:  # the last token is predicted, never fed
                 fed = (at[None, :-1] < (n - 1)[:, None]).long()  # (S, R-1)
-                own = DynamicCache([(layer.keys[owner], layer.values[owner]) for layer in cache.layers],
-                                   config=self.lm.config)  # each response's copy of its prompt's cache
+                own = full_cache(cache, owner)  # each response's copy of its prompt's cache
                 rest, _ = self.split.body(input_ids=tokens[:, :-1], attention_mask=torch.cat([mask[owner], fed], dim=1),
                                           position_ids=batch.lengths[owner][:, None] + at[None, :-1],
                                           cache=own, use_cache=True)  # (S, R-1, D)
