@@ -302,6 +302,33 @@ def test_explain_bad_input_is_one_line(tmp_path, tiny_folder):
     assert not (tmp_path / "x").exists()
 
 
+def test_explain_refuses_an_update_row_named_twice(tmp_path, tiny_folder):
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello"}) + "\n", encoding="utf-8")
+    out = tmp_path / "x"
+    result = learndyn("explain", "--update", "example", "--rows", "0,3,0", "--probes", str(probes),
+                      "--model", str(tiny_folder), "--out", str(out))
+    assert_one_error_line(result, "0,3,0", "row 0 is named twice")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, flag", [
+    (("probes", "build", "--data", "example", "--limit", "0"), "--limit"),
+    (("score", "--limit", "0"), "--limit"),
+    (("train", "sft", "--data", "example", "--limit", "0"), "--limit"),
+    (("train", "dpo", "--data", "example", "--probe-limit", "-1"), "--probe-limit"),
+    (("explain", "--update", "example", "--probe-limit", "0"), "--probe-limit"),
+], ids=["probes-build", "score", "train-sft", "train-dpo", "explain"])
+def test_count_options_below_one_are_refused_naming_the_option(tmp_path, args, flag):
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello"}) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    given = ("--probes", str(probes)) if args[0] != "probes" else ()
+    result = learndyn(*args, *given, "--out", str(out))
+    assert_one_error_line(result, f"{flag} must be a positive integer, got {args[-1]}")
+    assert not out.exists()
+
+
 def test_explain_on_policy_takes_the_models_own_response_as_rejected(tmp_path, tiny_folder):
     probes = tmp_path / "probes.jsonl"
     assert learndyn("probes", "build", "--data", "example", "--out", str(probes), "--limit", "1").returncode == 0

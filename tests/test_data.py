@@ -382,6 +382,113 @@ def test_hh_empty_final_assistant_turn_names_file_and_line(tmp_path):
     assert_one_line_error(path, f"{path}:3", "empty final assistant turn")
 
 
+# ---------------------------------------------------------------- the two sides of a pair
+
+
+def test_hh_rejected_with_another_prompt_names_file_and_line(tmp_path):
+    row = {"chosen": "\n\nHuman: How do I boil an egg?" + HH_MARKER + " Simmer it.",
+           "rejected": "\n\nHuman: How do I fry an egg?" + HH_MARKER + " Use oil."}
+    path = _bad_jsonl(tmp_path, json.dumps(row))
+    assert_one_line_error(path, f"{path}:3", "'rejected' has another prompt than 'chosen'")
+
+
+def test_hh_rejected_with_an_extra_turn_names_file_and_line(tmp_path):
+    base = "\n\nHuman: Hi" + HH_MARKER
+    row = {"chosen": base + " Hello!", "rejected": base + " Yo.\n\nHuman: Bye" + HH_MARKER + " Bye."}
+    path = _bad_jsonl(tmp_path, json.dumps(row))
+    assert_one_line_error(path, f"{path}:3", "another prompt")
+
+
+def _conversation(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+@pytest.mark.parametrize("suffix, line", [(".jsonl", 2), (".csv", 3)])  # the CSV's line 1 is its header
+def test_message_list_rejected_with_another_prompt_names_file_and_line(tmp_path, suffix, line):
+    bad = {"chosen": _conversation("Boil an egg?", "Simmer it."), "rejected": _conversation("Fry an egg?", "Oil.")}
+    rows = [{"chosen": _conversation("Hi", "Hello"), "rejected": _conversation("Hi", "Go away")}, bad]
+    path = (write_jsonl if suffix == ".jsonl" else write_csv)(tmp_path / f"d{suffix}", rows)
+    assert_one_line_error(path, f"{path}:{line}:", "'rejected' has another prompt than 'chosen'")
+
+
+def test_message_list_rejected_without_the_context_is_refused(tmp_path):
+    row = {"chosen": _conversation("Boil an egg?", "Simmer it."), "rejected": [{"role": "assistant", "content": "No."}]}
+    path = _bad_jsonl(tmp_path, json.dumps(row))
+    assert_one_line_error(path, f"{path}:3", "another prompt")
+
+
+def test_message_list_rejected_ending_with_a_user_turn_is_refused(tmp_path):
+    chosen = _conversation("Boil an egg?", "Simmer it.")
+    row = {"chosen": chosen, "rejected": chosen[:1] + [{"role": "user", "content": "Hello?"}]}
+    path = _bad_jsonl(tmp_path, json.dumps(row))
+    assert_one_line_error(path, f"{path}:3", "'rejected' ends with a 'user' turn")
+
+
+def test_sides_with_different_conversations_are_refused_beside_a_prompt_column(tmp_path):
+    row = {"prompt": "Boil an egg?", "chosen": _conversation("Boil an egg?", "Simmer it."),
+           "rejected": _conversation("Fry an egg?", "Oil.")}
+    path = _bad_jsonl(tmp_path, json.dumps(row))
+    assert_one_line_error(path, f"{path}:3", "another prompt")
+
+
+def test_sides_with_the_same_conversation_beside_a_prompt_column_load(tmp_path):
+    row = {"prompt": "Boil an egg?", "chosen": _conversation("Boil an egg?", "Simmer it."),
+           "rejected": _conversation("Boil an egg?", "Fry it.")}
+    (pref,) = load_preferences(str(write_jsonl(tmp_path / "d.jsonl", [row])))
+    assert (pref.prompt, pref.chosen, pref.rejected) == ("Boil an egg?", "Simmer it.", "Fry it.")
+
+
+def test_rejected_identical_to_chosen_is_counted_in_a_warning(tmp_path, caplog):
+    rows = [ROWS[0], {**ROWS[1], "rejected": ROWS[1]["chosen"]}, ROWS[2], {**ROWS[2], "example_id": "d",
+                                                                          "rejected": ROWS[2]["chosen"]}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with caplog.at_level("WARNING", logger="learndyn.data"):
+        assert len(load_preferences(str(path))) == 4
+    (record,) = caplog.records
+    assert "2 of 4 pairs" in record.getMessage() and f"{path}:2" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="learndyn.data"):
+        load_preferences(str(write_jsonl(tmp_path / "ok.jsonl", ROWS)))
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_limit_below_one_is_refused_not_an_empty_file(tmp_path, limit):
+    from learndyn.probes.files import read_probes
+
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    for read in (load_preferences, read_probes):
+        with pytest.raises(LearndynError, match=f"limit must be a positive integer, got {limit}"):
+            read(str(path), limit=limit)
+
+
+# ---------------------------------------------------------------- CSV quoting
+
+
+@pytest.mark.parametrize("body, line", [
+    ('Say hi.,Hi,Bye\n"Count,One,Two\nName,Blue,Seven\n', 3),  # open to the end of the file
+    ('"Say hi.,Hi,Bye\n"Count",One,Two\nName,Blue,Seven\n', 2),  # closed by the next row's quote
+    ('Say hi.,"Hi,Bye\nCount,One,"Two"\nName,Blue,Seven\n', 2),
+])
+def test_csv_quote_left_open_names_the_line_of_its_row(tmp_path, body, line):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,chosen,rejected\n" + body, encoding="utf-8")
+    assert_one_line_error(path, f"{path}:{line}:", "quote")
+
+
+def test_csv_row_with_more_fields_than_the_header_names_its_line(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,chosen,rejected\nSay hi.,Hi,Bye\nCount,One, two,Four\n", encoding="utf-8")
+    assert_one_line_error(path, f"{path}:3:", "4 fields but the header names 3")
+
+
+def test_csv_multiline_cells_name_the_line_their_row_starts_on(tmp_path):
+    rows = [{**ROWS[0], "chosen": "Hi\nthere!"}, ROWS[1], {**ROWS[0], "chosen": "Hi\nagain!"}]
+    path = write_csv(tmp_path / "d.csv", rows)  # lines: header, row 1 (2-3), row 2 (4), row 3 (5-6)
+    assert load_preferences(str(path), limit=2)[0].chosen == "Hi\nthere!"
+    assert_one_line_error(path, f"{path}:5:", "duplicate example_id 'a'")
+
+
 def test_offline_hub_id_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

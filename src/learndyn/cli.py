@@ -77,7 +77,7 @@ def probes_build(
     if out_path.exists() and not (resume or overwrite):
         raise LearndynError(f"{out_path} exists; pass --resume to finish it or --overwrite to replace it")
     done = read_probes(out_path) if resume and out_path.exists() else []
-    train = load_preferences(data, limit=limit)
+    train = load_preferences(data, limit=_positive(limit, "--limit"))
     test = load_preferences(held_out) if held_out else None
     backend = None
     if rephraser == "local":
@@ -132,7 +132,7 @@ def score(
     from learndyn.probes.files import read_probes
     from learndyn.scoring import score_probes, write_scores
 
-    rows = read_probes(probes, limit=limit)
+    rows = read_probes(probes, limit=_positive(limit, "--limit"))
     lm, tok = load_model(model, device=device, dtype=dtype)
     scores = score_probes(lm, tok, rows, types=selected, max_length=max_length, batch_tokens=batch_tokens)
     write_scores(scores, out_path)
@@ -147,6 +147,8 @@ def _train(phase: str, config: Optional[Path], flags: dict, resume: bool, overwr
 
     from learndyn.training.recipes import TrainSettings, train
 
+    _positive(flags["limit"], "--limit")
+    _positive(flags["probe_limit"], "--probe-limit")
     values: dict = {}
     if config is not None:
         if not config.is_file():
@@ -288,7 +290,8 @@ def explain(
 
     settings = ExplainSettings(
         update=update, probes=probes, model=model, rows=_int_list(rows, "--rows"), loss=loss, optimizer=optimizer,
-        lr=lr, beta=beta, ref_model=ref_model, on_policy=on_policy, types=_names(types), probe_limit=probe_limit,
+        lr=lr, beta=beta, ref_model=ref_model, on_policy=on_policy, types=_names(types),
+        probe_limit=_positive(probe_limit, "--probe-limit"),
         chunk_tokens=chunk_tokens, tokenizer=tokenizer, device=device, dtype=dtype)
     result = run_explain(settings, out_dir)
     print_explanation(result.summary)
@@ -354,6 +357,13 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
         raise LearndynError(f"{option} takes row numbers separated by commas, like 0,3; got '{text}'") from None
+
+
+def _positive(value: int | None, option: str) -> int | None:
+    """A count option: 0 would read nothing and blame the file ("empty probe file")."""
+    if value is not None and value < 1:
+        raise LearndynError(f"{option} must be a positive integer, got {value}")
+    return value
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:

@@ -6,12 +6,20 @@ Face hub dataset id, each optionally followed by `:SPLIT` (default `train`) and 
 file into training and held-out parts; rows keep their file positions as default ids. Rows hold
 `prompt/chosen/rejected` as plain text or chat messages, or (Anthropic-HH style) only
 `chosen/rejected` full transcripts, split at the last "\\n\\nAssistant:".
+
+The two sides of a pair must share one prompt: an HH transcript or a conversation whose rejected side
+differs from chosen before the last answer is refused with its file and row (DPO would compare answers
+to different questions). A pair whose rejected equals chosen loads, with a warning that counts them:
+it gives DPO no signal. A CSV file is parsed strictly: a quote left open (which would swallow the rows
+after it) is an error naming the line where its row starts.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -24,6 +32,8 @@ from learndyn.vocab import canonical_type
 
 Messages = list[dict[str, str]]
 Prompt = str | Messages
+
+log = logging.getLogger(__name__)
 
 EXAMPLE_DATA = "example"
 HH_MARKER = "\n\nAssistant:"
@@ -106,6 +116,8 @@ def _cut_turns(prompt: Messages, tokenizer: Any, room: int) -> Messages:
 
 def load_preferences(spec: str, *, limit: int | None = None, need_rejected: bool = True) -> list[Preference]:
     """Load preference data from `spec` (see the module docstring) into `Preference` records."""
+    if limit is not None and limit < 1:
+        raise LearndynError(f"limit must be a positive integer, got {limit}")
     spec_, rows_range = _range_spec(spec)
     source, split = _split_spec(spec_)
     rows: Iterator[tuple[int, tuple[str, dict[str, Any]]]] = enumerate(_read_rows(source, split))
@@ -113,6 +125,7 @@ def load_preferences(spec: str, *, limit: int | None = None, need_rejected: bool
         rows = _take(rows, rows_range)
     prefs: list[Preference] = []
     seen: set[str] = set()
+    same: list[str] = []  # where rejected == chosen
     for index, (where, row) in rows:
         if limit is not None and len(prefs) >= limit:
             break
@@ -120,11 +133,16 @@ def load_preferences(spec: str, *, limit: int | None = None, need_rejected: bool
         if pref.example_id in seen:
             raise LearndynError(f"{where}: duplicate example_id '{pref.example_id}'")
         seen.add(pref.example_id)
+        if pref.rejected is not None and pref.rejected == pref.chosen:
+            same.append(where)
         prefs.append(pref)
         if limit is not None and len(prefs) >= limit:
             break  # stop before reading the next row: rows after the limit may be anything
     if not prefs:
         raise LearndynError(f"{spec}: no examples")
+    if same and need_rejected:
+        log.warning(f"{spec}: {len(same)} of {len(prefs)} pairs have rejected identical to chosen (first at "
+                    f"{same[0]}); they carry no preference (a zero DPO gradient)")
     return prefs
 
 
@@ -242,16 +260,33 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of a CSV file, parsed strictly: the lenient default reads an unclosed quote as a field that
+    swallows every row after it (or up to the next quote), losing them without a word."""
     import csv
 
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise LearndynError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    for row in reader:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    while True:
+        start = reader.line_num + 1  # the line this row starts on
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise LearndynError(f"{path}:{start}: malformed CSV ({err}); is a quote in this row left open?") from None
+        if not cells:
+            continue
+        if header is None:
+            header = cells
+            continue
+        if len(cells) > len(header):
+            raise LearndynError(f"{path}:{start}: {len(cells)} fields but the header names {len(header)}")
         # An empty CSV cell means "absent", as a null does in the other formats.
-        yield f"{path}:{reader.line_num}", {k: _maybe_json(v) for k, v in row.items() if k is not None and v != ""}
+        yield f"{path}:{start}", {k: _maybe_json(v) for k, v in zip(header, cells) if v != ""}
 
 
 def _maybe_json(value: str | None) -> Any:
@@ -272,6 +307,8 @@ def _to_preference(row: dict[str, Any], where: str, *, default_id: str, need_rej
         raise LearndynError(f"{where}: missing field 'rejected' (needed for preference pairs)")
     if row.get("prompt") is not None:
         prompt = parse_prompt(row["prompt"], where)
+        if not isinstance(row["chosen"], str) and row.get("rejected") is not None:
+            _check_same_context(_messages(row["chosen"], where, "chosen"), row["rejected"], where)
         chosen = _response(row["chosen"], where, "chosen")
         rejected = _response(row["rejected"], where, "rejected") if row.get("rejected") is not None else None
     else:
@@ -331,7 +368,12 @@ def _implicit_prompt(row: dict[str, Any], where: str) -> tuple[Prompt, str, str 
         if rejected_raw is not None:
             if not isinstance(rejected_raw, str) or HH_MARKER not in rejected_raw:
                 raise LearndynError(f"{where}: 'rejected' is not an HH transcript like 'chosen'")
-            rejected = rejected_raw[rejected_raw.rindex(HH_MARKER) + len(HH_MARKER):]
+            cut = rejected_raw.rindex(HH_MARKER) + len(HH_MARKER)
+            if rejected_raw[:cut] != prompt:
+                raise LearndynError(f"{where}: 'rejected' has another prompt than 'chosen' (the transcripts differ "
+                                    f"from character {_first_difference(prompt, rejected_raw[:cut])} on, before "
+                                    "the last '\\n\\nAssistant:'); a pair must answer one prompt")
+            rejected = rejected_raw[cut:]
         for name, text in (("chosen", chosen), ("rejected", rejected)):
             if text is not None and not text.strip():
                 raise LearndynError(f"{where}: field '{name}' has an empty final assistant turn")
@@ -339,5 +381,30 @@ def _implicit_prompt(row: dict[str, Any], where: str) -> tuple[Prompt, str, str 
     messages = _messages(chosen_raw, where, "chosen")
     if len(messages) < 2 or messages[-1]["role"] != "assistant":
         raise LearndynError(f"{where}: no 'prompt' field and 'chosen' does not end with an assistant turn")
-    rejected = _response(rejected_raw, where, "rejected") if rejected_raw is not None else None
+    rejected = None
+    if rejected_raw is not None:
+        _check_same_context(messages, rejected_raw, where)
+        rejected = _response(rejected_raw, where, "rejected")
     return messages[:-1], _response(messages, where, "chosen"), rejected
+
+
+def _check_same_context(chosen: Messages, rejected_raw: Any, where: str) -> None:
+    """A conversation given as `rejected` must be chosen's conversation with another last assistant
+    turn (plain text is a bare response, with no context to disagree with)."""
+    if isinstance(rejected_raw, str) or not chosen:
+        return
+    rejected = _messages(rejected_raw, where, "rejected")
+    if not rejected:
+        return  # `_response` names the empty conversation
+    if rejected[:-1] != chosen[:-1]:
+        raise LearndynError(f"{where}: 'rejected' has another prompt than 'chosen' (the conversations differ from "
+                            f"turn {_first_difference(chosen[:-1], rejected[:-1])} on, before the last answer); "
+                            "a pair must answer one prompt")
+    if rejected[-1]["role"] != chosen[-1]["role"]:
+        raise LearndynError(f"{where}: 'rejected' ends with a '{rejected[-1]['role']}' turn where 'chosen' ends "
+                            f"with '{chosen[-1]['role']}'")
+
+
+def _first_difference(a: Any, b: Any) -> int:
+    """Position (from 0) of the first item where two sequences differ, or the shorter one's length."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

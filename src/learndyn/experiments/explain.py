@@ -41,6 +41,13 @@ class ExplainSettings:
     dtype: str | None = "float32"  # first-order agreement needs more than bf16
     tokenizer: str | None = None  # default: the model's own
 
+    def __post_init__(self) -> None:
+        """Checked before any data or model loads: a row named twice would count double in the step."""
+        twice = next((row for i, row in enumerate(self.rows) if row in self.rows[:i]), None)
+        if twice is not None:
+            raise LearndynError(f"update rows {','.join(map(str, self.rows))}: row {twice} is named twice; "
+                                "name each row once")
+
 
 def run_explain(settings: ExplainSettings, out: str | Path, progress: bool = True):
     """Explain the step and write the folder; returns the `Explanation`."""

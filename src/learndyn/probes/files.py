@@ -34,6 +34,8 @@ class Probe:
 
 def read_probes(path: str | Path, *, limit: int | None = None) -> list[Probe]:
     """Read a probe file (.jsonl, or any format `load_preferences` reads) into `Probe`s."""
+    if limit is not None and limit < 1:
+        raise LearndynError(f"limit must be a positive integer, got {limit}")  # not "empty probe file"
     probes: list[Probe] = []
     seen: set[str] = set()
     for index, (where, row) in enumerate(read_records(path)):
