@@ -151,6 +151,21 @@ def test_keyless_local_server_allowed(server, monkeypatch):
     assert "Authorization" not in server.requests[0]["headers"]
 
 
+def test_a_key_read_with_its_trailing_newline_works(server, monkeypatch):
+    monkeypatch.setenv("LEARNDYN_TEST_KEY", KEY + "\n")  # KEY="$(cat key.txt)" keeps no newline, .env files may
+    rephraser = OpenAIRephraser(server.base_url, "m", api_key_env="LEARNDYN_TEST_KEY", timeout=5, max_retries=0)
+    assert rephraser(["a"], "semantic") == ["ok"]
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize("bad", [KEY + "\nX", KEY[:6] + " " + KEY[6:], KEY + "\u2013"])
+def test_a_malformed_key_is_one_line_that_does_not_show_it(monkeypatch, bad):
+    monkeypatch.setenv("LEARNDYN_TEST_KEY", bad)  # http.client's ValueError quoted the whole header
+    with pytest.raises(LearndynError) as err:
+        OpenAIRephraser("http://127.0.0.1:1/v1", "m", api_key_env="LEARNDYN_TEST_KEY")
+    assert "LEARNDYN_TEST_KEY" in str(err.value) and KEY[:10] not in str(err.value)
+
+
 def test_key_hidden_from_repr(api_key):
     rephraser = OpenAIRephraser("http://127.0.0.1:1/v1", "m", api_key_env=api_key)
     assert KEY not in repr(rephraser) and KEY not in str(rephraser)

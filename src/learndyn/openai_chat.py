@@ -107,7 +107,11 @@ class ChatClient:
         self.max_retries = max_retries
         self.backoff = backoff
         self.limiter = RateLimiter(rate_limit)
-        self._key = os.environ.get(api_key_env) or None
+        self._key = os.environ.get(api_key_env, "").strip() or None  # a trailing newline from a key file
+        if self._key is not None and not re.fullmatch(r"[!-~]+", self._key):
+            # http.client would refuse it with a ValueError that quotes the whole header, key included
+            raise LearndynError(f"the environment variable {api_key_env} holds spaces, control or non-ASCII "
+                                "characters inside the key; check its value (not shown here)")
         if self._key is None and require_key:
             raise LearndynError(
                 f"the openai {what} needs an API key in the environment variable {api_key_env} "
