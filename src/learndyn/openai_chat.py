@@ -100,6 +100,10 @@ class ChatClient:
             raise LearndynError(f"{what} model: give the model name the endpoint serves")
         if max_retries < 0 or timeout <= 0 or backoff < 0:
             raise LearndynError(f"{what}: need max_retries >= 0, timeout > 0, backoff >= 0")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env or ""):
+            # not shown: it may be the key itself, given where its variable's name belongs
+            raise LearndynError(f"{what} api_key_env: give the NAME of the environment variable that holds the "
+                                "key (letters, digits and _), not the key")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
