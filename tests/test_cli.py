@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ChatServer, completion, key_trap  # noqa: F401 (a fixture)
+from conftest import ChatServer, completion
 
 from learndyn.vocab import TYPE_NAMES
 

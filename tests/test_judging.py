@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ChatServer, key_trap  # noqa: F401 (a fixture)
+from conftest import ChatServer
 from test_cli import assert_one_error_line, learndyn
 
 from learndyn.errors import LearndynError

@@ -2,7 +2,7 @@ import socket
 import time
 
 import pytest
-from conftest import ChatServer, key_trap  # noqa: F401 (a fixture)
+from conftest import ChatServer
 
 from learndyn.errors import LearndynError
 from learndyn.probes.rephrase import (

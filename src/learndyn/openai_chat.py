@@ -37,7 +37,7 @@ _MIN_SECRET = 8  # shorter "keys" are placeholders for keyless local servers ("x
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     """Turns every redirect into the HTTPError of its 3xx status instead of following it."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 (urllib's hook)
+    def redirect_request(self, req, fp, code, msg, headers, newurl) -> None:  # noqa: ANN001 (urllib's hook)
         return None
 
 
