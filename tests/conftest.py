@@ -126,17 +126,28 @@ def tiny_folder(tiny_llama, tmp_path):
 
 class ChatServer:
     """A loopback HTTP server for tests of OpenAI-compatible clients. `respond(request)` gets
-    {"path", "headers", "body"} (the body parsed from JSON) and returns (status, reply): a dict is
-    sent as JSON, bytes as they are. `url` is the base URL (…/v1); `close()` stops the server."""
+    {"method", "path", "headers", "body"} (a POST's body parsed from JSON; a GET has body None) and
+    returns (status, reply) or (status, reply, headers): a dict is sent as JSON, bytes as they are;
+    headers are added to the response (a redirect's Location). `url` is the base URL (…/v1);
+    `close()` stops the server."""
 
-    def __init__(self, respond: Callable[[dict], tuple[int, object]]):
+    def __init__(self, respond: Callable[[dict], tuple]):
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                status, reply = respond({"path": self.path, "headers": dict(self.headers), "body": body})
+                self.answer(body)
+
+            def do_GET(self):  # what urllib turns a redirected POST into
+                self.answer(None)
+
+            def answer(self, body):
+                status, reply, *extra = respond({"method": self.command, "path": self.path,
+                                                 "headers": dict(self.headers), "body": body})
                 data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
                 try:
                     self.send_response(status)
+                    for name, value in (extra[0] if extra else {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
@@ -157,3 +168,52 @@ class ChatServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
+
+
+def completion(content: str) -> dict:
+    """An OpenAI chat completion whose message is `content`."""
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
+
+
+class KeyTrap(ChatServer):
+    """Another host (another loopback port, so another origin): answers every request, POST or GET,
+    with a completion that would pass for a verdict ("A") or a rewrite, and keeps each request's
+    method and headers in `requests`, so a test sees whether anything, a key above all, reached it."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, dict]] = []
+        super().__init__(self._respond)
+
+    def _respond(self, request: dict) -> tuple[int, object]:
+        self.requests.append((request["method"], request["headers"]))
+        return 200, completion("A")
+
+
+class Redirector(ChatServer):
+    """The configured endpoint, answering every request with a `status` redirect to `target`'s
+    /chat/completions (absolute Location); its own requests are counted in `hits`."""
+
+    def __init__(self, target: str, status: int = 302):
+        self.hits = 0
+        self.location = target + "/chat/completions"
+        self.status = status
+        super().__init__(self._respond)
+
+    def _respond(self, request: dict) -> tuple[int, object, dict]:
+        self.hits += 1
+        return self.status, b"", {"Location": self.location}
+
+
+@pytest.fixture
+def key_trap():
+    """(redirect, trap): `redirect(status)` starts a Redirector pointing at `trap`, a KeyTrap."""
+    trap = KeyTrap()
+    servers = [trap]
+
+    def redirect(status: int = 302) -> Redirector:
+        servers.append(Redirector(trap.url, status))
+        return servers[-1]
+
+    yield redirect, trap
+    for server in servers:
+        server.close()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ChatServer
+from conftest import ChatServer, completion
 
 from learndyn.vocab import TYPE_NAMES
 
@@ -220,6 +220,34 @@ def test_resume_works_after_a_failure_before_any_row_finished(tmp_path, endpoint
     result = _build_openai(data, out, endpoint.url, "--resume")
     assert result.returncode == 0, result.stderr
     assert len(read_rows(out)) == 4
+
+
+LONG_KEY = "sk-cli-test-0123456789secret"
+
+
+def test_probes_build_writes_no_echoed_key_and_refuses_a_redirect(tmp_path, key_trap):
+    """A server that echoes the Authorization header into every rewrite: the probe file holds ***;
+    an endpoint that redirects elsewhere: one line naming the status and the other host, and the
+    other host sees nothing."""
+    echo = ChatServer(lambda request: (200, completion(f"R ({request['headers'].get('Authorization')})")))
+    data = _rephrase_data(tmp_path / "d.jsonl", given=set())
+    try:
+        out = tmp_path / "echo.jsonl"
+        result = learndyn("probes", "build", "--data", str(data), "--out", str(out), "--rephraser", "openai",
+                          "--base-url", echo.url, "--api-model", "fake", "--api-key-env", "LD_KEY", LD_KEY=LONG_KEY)
+        assert result.returncode == 0, result.stderr
+        text = out.read_text(encoding="utf-8")
+        assert LONG_KEY not in text and text.count("R (Bearer ***)") == 16  # 4 rows x 4 rephrase types
+    finally:
+        echo.close()
+    redirect, trap = key_trap
+    origin = redirect(302)
+    out = tmp_path / "redirected.jsonl"
+    result = learndyn("probes", "build", "--data", str(data), "--out", str(out), "--rephraser", "openai",
+                      "--base-url", origin.url, "--api-model", "fake", "--api-key-env", "LD_KEY", LD_KEY=LONG_KEY)
+    line = assert_one_error_line(result, "HTTP 302 redirect to " + trap.url.removesuffix("/v1") + ",",
+                                 "nothing written")
+    assert trap.requests == [] and not out.exists() and LONG_KEY not in result.stdout + line
 
 
 def test_score_writes_parquet_and_prints_per_type_means(tmp_path, tiny_folder):

@@ -254,6 +254,18 @@ def test_key_never_reaches_the_verdict_file_or_errors(serve, api_key, files, tmp
     assert "HTTP 401" in str(err.value) and KEY not in str(err.value) and KEY not in repr(judge)
 
 
+def test_a_redirecting_endpoint_never_hands_the_key_to_another_host(key_trap, api_key, files, tmp_path):
+    redirect, trap = key_trap
+    origin = redirect(302)
+    judge = make_judge("openai:judge-model", base_url=origin.url, api_key_env=api_key, timeout=5, backoff=0, workers=1)
+    out = tmp_path / "v.jsonl"
+    with pytest.raises(LearndynError) as err:
+        judge_files(*files, judge, out, progress=None)
+    assert trap.requests == []  # before the fix: a GET with "Authorization: Bearer <key>", answered "A"
+    assert f"HTTP 302 redirect to {trap.url.removesuffix('/v1')}," in str(err.value) and KEY not in str(err.value)
+    assert not out.exists() or KEY not in out.read_text(encoding="utf-8")
+
+
 def test_rate_limit_spaces_requests(serve, api_key, files, tmp_path):
     server = serve(prefers_good)
     start = time.monotonic()

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import ChatServer, completion
 from test_training import probes  # noqa: F401  (the probe-set fixture)
 
 from learndyn.data import load_preferences, render_prompt
@@ -159,6 +160,23 @@ def test_bad_on_policy_settings_are_one_line_errors(settings):
         load_reward("test_online_dpo:wrong_length")(prompts=["p", "p"], completions=["a", "b"])
 
 
+def test_openai_judge_endpoint_settings_are_checked_before_any_work(settings, monkeypatch):
+    monkeypatch.delenv("LEARNDYN_NO_SUCH_KEY", raising=False)
+    openai = dict(judge="openai:m", judge_base_url="http://127.0.0.1:1/v1")
+    cases = {
+        "--base-url .* need --on-policy and --judge openai:MODEL": dict(judge_base_url="http://127.0.0.1:1/v1"),
+        "--api-key-env .* without --reward": dict(**openai, judge_api_key_env="K",
+                                                  reward="test_online_dpo:record_and_prefer_short"),
+        "environment variable LEARNDYN_NO_SUCH_KEY": dict(**openai, judge_api_key_env="LEARNDYN_NO_SUCH_KEY"),
+        "give the NAME of the environment variable": dict(**openai, judge_api_key_env="sk-pasted-0123456789secret"),
+    }
+    for message, change in cases.items():
+        with pytest.raises(LearndynError, match=message) as caught:
+            TrainSettings(**{**settings, **change})
+        assert "\n" not in str(caught.value) and "sk-pasted" not in str(caught.value)
+    assert not Path(settings["out"]).exists()
+
+
 def test_configs_without_the_on_policy_settings_still_load(settings):
     old = {k: v for k, v in settings.items() if k not in ("on_policy", "max_new_tokens")}
     loaded = TrainSettings.from_dict(old)
@@ -204,3 +222,34 @@ def test_cli_on_policy_with_a_reward_module_from_the_current_folder(settings, tm
     assert [json.loads(line) for line in log.read_text().splitlines()] == [4]  # 1 step, 2 prompts x 2 samples
     config = read_config(tmp_path / "run")
     assert config["on_policy"] is True and config["temperature"] == 0.7 and config["reward"] == "my_rewards:shorter"
+
+
+def test_an_openai_judge_uses_the_given_endpoint_and_the_run_keeps_only_the_key_name(settings, monkeypatch):
+    key = "sk-on-policy-judge-0123456789secret"
+    monkeypatch.setenv("LD_JUDGE_KEY", key)
+    seen: list[str | None] = []
+    server = ChatServer(lambda request: (seen.append(request["headers"].get("Authorization")) or 200,
+                                         completion("A")))
+    try:
+        run = train(TrainSettings(**{**settings, "limit": 2}, judge="openai:judge-model", judge_base_url=server.url,
+                                  judge_api_key_env="LD_JUDGE_KEY"))
+    finally:
+        server.close()
+    assert seen == [f"Bearer {key}"] * 4  # 1 step: 2 prompts, each pair in both orders
+    config = read_config(run)
+    assert config["judge_base_url"] == server.url and config["judge_api_key_env"] == "LD_JUDGE_KEY"
+    for path in run.rglob("*"):
+        assert not path.is_file() or key.encode() not in path.read_bytes(), path
+
+
+def test_cli_train_dpo_passes_the_judge_endpoint_options(settings, tmp_path, monkeypatch):
+    from test_cli import assert_one_error_line, learndyn
+
+    monkeypatch.delenv("LEARNDYN_NO_SUCH_KEY", raising=False)
+    common = ["train", "dpo", "--data", "example", "--probes", settings["probes"], "--out", str(tmp_path / "run"),
+              "--on-policy"]
+    assert_one_error_line(learndyn(*common, "--base-url", "http://127.0.0.1:1/v1"), "--base-url", "--judge openai:MODEL")
+    missing = learndyn(*common, "--judge", "openai:m", "--base-url", "http://127.0.0.1:1/v1",
+                       "--api-key-env", "LEARNDYN_NO_SUCH_KEY")
+    assert_one_error_line(missing, "environment variable LEARNDYN_NO_SUCH_KEY")
+    assert not (tmp_path / "run").exists()

@@ -151,6 +151,21 @@ def test_keyless_local_server_allowed(server, monkeypatch):
     assert "Authorization" not in server.requests[0]["headers"]
 
 
+def test_a_key_read_with_its_trailing_newline_works(server, monkeypatch):
+    monkeypatch.setenv("LEARNDYN_TEST_KEY", KEY + "\n")  # KEY="$(cat key.txt)" keeps no newline, .env files may
+    rephraser = OpenAIRephraser(server.base_url, "m", api_key_env="LEARNDYN_TEST_KEY", timeout=5, max_retries=0)
+    assert rephraser(["a"], "semantic") == ["ok"]
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize("bad", [KEY + "\nX", KEY[:6] + " " + KEY[6:], KEY + "\u2013"])
+def test_a_malformed_key_is_one_line_that_does_not_show_it(monkeypatch, bad):
+    monkeypatch.setenv("LEARNDYN_TEST_KEY", bad)  # http.client's ValueError quoted the whole header
+    with pytest.raises(LearndynError) as err:
+        OpenAIRephraser("http://127.0.0.1:1/v1", "m", api_key_env="LEARNDYN_TEST_KEY")
+    assert "LEARNDYN_TEST_KEY" in str(err.value) and KEY[:10] not in str(err.value)
+
+
 def test_key_hidden_from_repr(api_key):
     rephraser = OpenAIRephraser("http://127.0.0.1:1/v1", "m", api_key_env=api_key)
     assert KEY not in repr(rephraser) and KEY not in str(rephraser)
@@ -182,6 +197,36 @@ def test_client_error_not_retried_and_key_redacted(server, api_key):
         rephraser(["a"], "semantic")
     assert len(server.requests) == 1
     assert "HTTP 401" in str(err.value) and KEY not in str(err.value)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303])
+def test_a_redirect_is_refused_and_nothing_reaches_the_other_host(key_trap, api_key, status):
+    redirect, trap = key_trap
+    origin = redirect(status)
+    rephraser = OpenAIRephraser(origin.url, "m", api_key_env=api_key, timeout=5, max_retries=2, backoff=0)
+    with pytest.raises(LearndynError) as err:
+        rephraser(["a"], "semantic")
+    message = str(err.value)
+    assert trap.requests == []  # not the key, not a request at all
+    assert origin.hits == 1  # a redirect is not retried
+    host = trap.url.removesuffix("/v1")
+    assert f"HTTP {status} redirect to {host}," in message and origin.url + "/chat/completions" in message
+    assert KEY not in message and "/chat/completions" not in message.split(" redirect ", 1)[1]
+    assert "\n" not in message
+
+
+def test_a_key_the_server_echoes_is_redacted_from_the_rewrites(server, api_key):
+    server.replies = [(200, _completion(f"Your key {KEY} works; {KEY}."))]
+    rephraser = OpenAIRephraser(server.base_url, "m", api_key_env=api_key, timeout=5, max_retries=0)
+    assert rephraser(["a", "b"], "semantic") == ["Your key *** works; ***."] * 2
+
+
+def test_a_placeholder_key_is_not_a_secret_and_the_rewrite_stays_whole(server, monkeypatch):
+    monkeypatch.setenv("LEARNDYN_TEST_KEY", "x")  # "any value will do" for a keyless local server
+    server.replies = [(200, _completion("x marks the spot"))]
+    rephraser = OpenAIRephraser(server.base_url, "m", api_key_env="LEARNDYN_TEST_KEY", timeout=5, max_retries=0)
+    assert rephraser(["a"], "semantic") == ["x marks the spot"]
+    assert server.requests[0]["headers"]["Authorization"] == "Bearer x"
 
 
 def test_connection_refused(api_key):

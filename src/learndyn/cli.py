@@ -209,7 +209,9 @@ def train_dpo(
     device: DeviceOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
     on_policy: Annotated[Optional[bool], typer.Option("--on-policy/--off-policy", help="Each step, sample two responses per prompt from the current model and train on them, ranked (default: off-policy, the data's pairs).")] = None,
     judge: Annotated[Optional[str], typer.Option(help="Ranks the two samples (--on-policy): local, local:MODEL or openai:MODEL (default local).")] = None,
-    reward: Annotated[Optional[str], typer.Option(help="MODULE:FUNCTION, a TRL-style reward function ranking the samples instead of the judge.")] = None,
+    reward: Annotated[Optional[str], typer.Option(help="MODULE:FUNCTION, a TRL-style reward function ranking the samples instead of the judge; imports Python code (the current folder is searched).")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="Endpoint of an openai judge (--on-policy; default https://api.openai.com/v1).")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(help="Environment variable holding the openai judge's API key (default OPENAI_API_KEY; only its name is saved).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest sampled response, in tokens (--on-policy; default 64).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (--on-policy; default 1.0).")] = None,
 ) -> None:
@@ -218,7 +220,7 @@ def train_dpo(
                                beta=beta, learning_rate=lr, epochs=epochs, batch_size=batch_size, every=every,
                                limit=limit, probe_limit=probe_limit, seed=seed, max_length=max_length, device=device,
                                on_policy=on_policy, judge=judge, reward=reward, max_new_tokens=max_new_tokens,
-                               temperature=temperature),
+                               temperature=temperature, judge_base_url=base_url, judge_api_key_env=api_key_env),
            resume, overwrite)
 
 

@@ -4,6 +4,12 @@ The rephraser and the API judge both talk to such endpoints (OpenAI, vLLM, llama
 They share this client so that retries, back-off, rate limiting and the hiding of the API key are
 written, and tested, once. Every failure the user can act on is a one-line `LearndynError` naming the
 URL; the key never appears in an error or a repr.
+
+The key goes only to the configured host: redirects are never followed (urllib would re-send a POST
+as a GET to wherever `Location` points, Authorization header included); a redirect is an error naming
+its status and the host it points to. And it is never written anywhere: `complete` returns the reply
+with the key replaced by *** (a server may echo it back), so the rephrased texts and the judge's raw
+outputs that callers write are redacted here, once.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -24,6 +31,17 @@ from learndyn.errors import LearndynError
 __all__ = ["ChatClient", "RateLimiter"]
 
 _RETRY_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
+_MIN_SECRET = 8  # shorter "keys" are placeholders for keyless local servers ("x", "EMPTY"), see hide_key
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Turns every redirect into the HTTPError of its 3xx status instead of following it."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl) -> None:  # noqa: ANN001 (urllib's hook)
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 class RateLimiter:
@@ -82,6 +100,10 @@ class ChatClient:
             raise LearndynError(f"{what} model: give the model name the endpoint serves")
         if max_retries < 0 or timeout <= 0 or backoff < 0:
             raise LearndynError(f"{what}: need max_retries >= 0, timeout > 0, backoff >= 0")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env or ""):
+            # not shown: it may be the key itself, given where its variable's name belongs
+            raise LearndynError(f"{what} api_key_env: give the NAME of the environment variable that holds the "
+                                "key (letters, digits and _), not the key")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
@@ -89,7 +111,11 @@ class ChatClient:
         self.max_retries = max_retries
         self.backoff = backoff
         self.limiter = RateLimiter(rate_limit)
-        self._key = os.environ.get(api_key_env) or None
+        self._key = os.environ.get(api_key_env, "").strip() or None  # a trailing newline from a key file
+        if self._key is not None and not re.fullmatch(r"[!-~]+", self._key):
+            # http.client would refuse it with a ValueError that quotes the whole header, key included
+            raise LearndynError(f"the environment variable {api_key_env} holds spaces, control or non-ASCII "
+                                "characters inside the key; check its value (not shown here)")
         if self._key is None and require_key:
             raise LearndynError(
                 f"the openai {what} needs an API key in the environment variable {api_key_env} "
@@ -105,7 +131,8 @@ class ChatClient:
         return f"ChatClient(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r} ({key}))"
 
     def complete(self, messages: list[dict[str, str]], **params: Any) -> str:
-        """The reply's text for one conversation ("" when the endpoint sends no content).
+        """The reply's text for one conversation ("" when the endpoint sends no content), with the
+        API key replaced by *** wherever the server echoed it.
 
         `params` (temperature, max_tokens, ...) go into the request body as they are.
         """
@@ -123,7 +150,7 @@ class ChatClient:
             return ""
         if not isinstance(content, str):
             raise LearndynError(f"{self.url}: unexpected reply, message content is not text")
-        return content
+        return self.hide_key(content)
 
     def post(self, body: bytes) -> bytes:
         """POST with retries; every failure ends as one line naming the URL and what went wrong."""
@@ -136,9 +163,11 @@ class ChatClient:
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             wait = self.backoff * 2**attempt
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with _OPENER.open(request, timeout=self.timeout) as response:
                     return response.read()
             except urllib.error.HTTPError as err:
+                if 300 <= err.code < 400:
+                    raise LearndynError(self.redact(f"{self.url}: {_redirect(err, self.url)}")) from None
                 problem = f"HTTP {err.code}{_server_message(err)}"
                 if err.code not in _RETRY_STATUS:
                     raise LearndynError(self.redact(f"{self.url}: {problem}")) from None
@@ -156,8 +185,30 @@ class ChatClient:
         return self.hide_key(" ".join(message.split()))  # one line, whatever the server sent
 
     def hide_key(self, text: str) -> str:
-        """`text` with the API key replaced by *** (a server may echo it back in a reply)."""
-        return text.replace(self._key, "***") if self._key else text
+        """`text` with the API key replaced by *** (a server may echo it back in a reply).
+
+        A key shorter than 8 characters is left alone: it is a placeholder for a local server that
+        checks no key ("x", "EMPTY"), not a secret, and replacing it would garble every text that
+        happens to contain those letters.
+        """
+        if not self._key or len(self._key) < _MIN_SECRET:
+            return text
+        return text.replace(self._key, "***")
+
+
+def _redirect(err: urllib.error.HTTPError, url: str) -> str:
+    """A redirect as an error: its status and the scheme://host:port it points to (no path, query or
+    credentials, which could carry secrets), and what to do."""
+    location = err.headers.get("Location") if err.headers else None
+    where = " without a Location"
+    if location:
+        try:
+            parts = urllib.parse.urlsplit(urllib.parse.urljoin(url, location))
+            where = f" to {parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        except ValueError:  # a Location urllib cannot parse (a bad port, ...)
+            where = " to an unreadable Location"
+    return (f"HTTP {err.code} redirect{where}, not followed (the API key goes only to the configured "
+            "host); give the final address as the base URL")
 
 
 def _describe(reason: object) -> str:

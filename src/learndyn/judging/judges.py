@@ -135,7 +135,7 @@ class OpenAIJudge:
     def judge_one(self, prompt: Prompt, first: str, second: str) -> Judgment:
         params = {} if self.temperature is None else {"temperature": self.temperature}
         reply = self.client.complete(pairwise_messages(prompt, first, second, TEXT_INSTRUCTION), **params)
-        return Judgment(parse_answer(reply), self.client.hide_key(reply))
+        return Judgment(parse_answer(reply), reply)  # the client has hidden the key already
 
     combine = staticmethod(vote)
 

@@ -143,19 +143,20 @@ def _text(completion: Any) -> str:
     return "".join(str(message.get("content") or "") for message in completion)
 
 
-def check_ranker(judge: str, reward: str | None) -> None:
-    """Fail now, with one line, on a reward spec that does not load or a judge spec `make_judge` refuses."""
+def check_ranker(judge: str, reward: str | None, **judge_options: Any) -> None:
+    """Fail now, with one line, on a reward spec that does not load or a judge spec `make_judge` refuses
+    (with `judge_options`, e.g. an openai judge's base_url and api_key_env: a missing key fails here)."""
     if reward is not None:
         load_reward(reward)
     else:
-        make_judge(judge)
+        make_judge(judge, **judge_options)
 
 
 def make_ranker(settings: Any) -> RewardFn:
     """The reward function that ranks on-policy pairs: the user's, else the judge wrapped."""
     if settings.reward is not None:
         return load_reward(settings.reward)
-    return JudgeReward(make_judge(settings.judge, device=settings.device))
+    return JudgeReward(make_judge(settings.judge, device=settings.device, **settings.judge_options()))
 
 
 @functools.cache

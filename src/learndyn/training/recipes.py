@@ -62,6 +62,11 @@ class TrainSettings:
                                                            "openai:MODEL"})
     reward: str | None = field(default=None, metadata={"help": "MODULE:FUNCTION, a TRL-style reward function used "
                                                                "instead of the judge (on_policy)"})
+    judge_base_url: str | None = field(default=None, metadata={"help": "endpoint of an openai judge (on_policy; "
+                                                                     "default https://api.openai.com/v1)"})
+    judge_api_key_env: str | None = field(default=None, metadata={"help": "NAME of the environment variable holding "
+                                                                        "an openai judge's API key (the key itself "
+                                                                        "is never saved; default OPENAI_API_KEY)"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest sampled response, in tokens (on_policy)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (on_policy)"})
 
@@ -84,6 +89,11 @@ class TrainSettings:
         otherwise surface only after the model has loaded."""
         if self.reward is not None and not self.on_policy:
             raise LearndynError(f"--reward {self.reward}: a reward function ranks on-policy samples; add --on-policy")
+        given = [flag for flag, value in (("--base-url", self.judge_base_url), ("--api-key-env", self.judge_api_key_env))
+                 if value is not None]
+        if given and not (self.on_policy and self.reward is None and self.judge.startswith("openai:")):
+            raise LearndynError(f"{' and '.join(given)} (judge_base_url, judge_api_key_env) set the endpoint of an "
+                                "openai judge: they need --on-policy and --judge openai:MODEL, without --reward")
         if not self.on_policy:
             return
         if self.phase != "dpo":
@@ -95,7 +105,11 @@ class TrainSettings:
             raise LearndynError("on_policy needs max_new_tokens >= 1 and a positive temperature")
         from learndyn.training.online import check_ranker
 
-        check_ranker(self.judge, self.reward)
+        check_ranker(self.judge, self.reward, **self.judge_options())
+
+    def judge_options(self) -> dict[str, Any]:
+        """The openai judge's endpoint settings for `make_judge` (None: its default)."""
+        return {"base_url": self.judge_base_url, "api_key_env": self.judge_api_key_env}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainSettings:
