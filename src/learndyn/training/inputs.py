@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from learndyn.atomic import atomic_path
+from learndyn.errors import LearndynError
 
 INPUTS_FILE = "inputs.yaml"
 INPUT_SETTINGS = ("probes", "data", "model", "from")  # compared by identity, not by spelling
@@ -34,12 +35,14 @@ _BLOCK = 1 << 20
 
 
 def sha256_of(path: str | Path) -> str:
-    """sha256 of a file's bytes, or of a folder's files (each relative name and content, sorted)."""
+    """sha256 of a file's bytes, or of a folder's files (each relative name and content, sorted).
+    Hidden entries (.git with LFS copies of the weights, .cache) are not read by a loader: skipped."""
     path = Path(path)
     if path.is_file():
         return _file_digest(path)
     outer = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    files = (p for p in path.rglob("*") if p.is_file())
+    for file in sorted(f for f in files if not any(part.startswith(".") for part in f.relative_to(path).parts)):
         outer.update(f"{file.relative_to(path).as_posix()}\0{_file_digest(file)}\n".encode())
     return outer.hexdigest()
 
@@ -88,7 +91,14 @@ def read_inputs(run: str | Path) -> dict[str, dict[str, str]] | None:
     path = Path(run) / INPUTS_FILE
     if not path.is_file():
         return None
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        inputs = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        inputs = None
+    if not isinstance(inputs, dict) or not all(isinstance(v, dict) for v in inputs.values()):
+        raise LearndynError(f"{path}: not a record of inputs (a mapping of setting to path and sha256); "
+                            "delete it to compare this run's inputs by path only")
+    return inputs
 
 
 def differences(old: dict[str, Any], old_inputs: dict[str, dict[str, str]] | None,
