@@ -285,6 +285,11 @@ def test_train_sft_takes_settings_from_yaml_with_flags_overriding(tmp_path, tiny
     report = learndyn("report", str(run))
     assert report.returncode == 0, report.stderr[-2000:]
     assert (run / "report.html").is_file() and "sft_raises_chosen" in report.stdout
+    finished = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    typo = learndyn("train", "sft", "--config", str(config), "--out", str(run), "--overwrite",
+                    "--model", str(tmp_path / "tiny-typo"))
+    assert_one_error_line(typo, "tiny-typo")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == finished  # a typo never wipes a run
 
 
 def test_train_config_with_unknown_key_is_one_line(tmp_path):

@@ -95,6 +95,25 @@ def test_resume_reuses_finished_parts_and_redoes_what_a_changed_setting_touches(
     assert [v["response_a"] for v in dpo_rows] == dpo_texts  # judged again on the new answers
 
 
+def test_resume_retrains_a_finished_run_whose_data_file_changed(tiny_folder, tmp_path):
+    import learndyn.data
+    from learndyn.experiments.compare import _train_once
+    from learndyn.probes.build import build_probes
+    from learndyn.probes.files import write_probes
+    from learndyn.training.recipes import TrainSettings
+
+    data = tmp_path / "d.jsonl"
+    data.write_bytes((Path(learndyn.data.__file__).parent / "resources" / "example_train.jsonl").read_bytes())
+    write_probes(build_probes(learndyn.data.load_preferences("example", limit=2)), tmp_path / "p.jsonl")
+    settings = TrainSettings(phase="sft", data=str(data), probes=str(tmp_path / "p.jsonl"), model=str(tiny_folder),
+                             out=str(tmp_path / "cmp" / "baseline" / "sft"), limit=4, batch_size=4, epochs=1, every=1,
+                             max_length=128)
+    run, trained = _train_once(settings, resume=False)
+    assert trained and _train_once(settings, resume=True) == (run, False)
+    data.write_bytes(data.read_bytes().replace(b"four quarts", b"five quarts", 1))  # an edited training pair
+    assert _train_once(settings, resume=True) == (run, True)
+
+
 def test_bad_held_out_data_fails_before_any_training(tiny_folder, tmp_path):
     with pytest.raises(LearndynError, match="missing.jsonl: file not found"):
         run_compare(replace(tiny_settings(tiny_folder, tmp_path / "cmp"), eval_data=str(tmp_path / "missing.jsonl")))

@@ -16,6 +16,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+import learndyn.data
 from learndyn.data import load_preferences
 from learndyn.errors import LearndynError
 from learndyn.probes.build import build_probes
@@ -120,6 +121,115 @@ def test_resume_after_a_crash_between_shards(tiny_folder, probes, tmp_path):
     pd.testing.assert_frame_equal(read_metrics(run), complete, rtol=1e-5)
     with pytest.raises(LearndynError, match="other settings"):
         train(TrainSettings(**{**settings.__dict__, "learning_rate": 1e-4}), resume=True)
+
+
+def tiny_run(tiny_folder, probe_rows, tmp_path, **changes) -> TrainSettings:
+    """Settings of a 2-step SFT run on local copies of the data and probes (files a user may edit)."""
+    write_probes(probe_rows, tmp_path / "p.jsonl")
+    source = Path(learndyn.data.__file__).parent / "resources" / "example_train.jsonl"
+    (tmp_path / "d.jsonl").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    return TrainSettings(**{**dict(phase="sft", data=str(tmp_path / "d.jsonl"), probes=str(tmp_path / "p.jsonl"),
+                                   out=str(tmp_path / "run"), model=str(tiny_folder), limit=8, batch_size=4, epochs=1,
+                                   every=1, learning_rate=1e-3, max_length=256), **changes})
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_checks_everything_before_removing_the_old_run_and_its_report(tiny_folder, probes, tmp_path):
+    settings = tiny_run(tiny_folder, probes, tmp_path)
+    run = train(settings)
+    (run / "report.html").write_text("<html>old</html>")
+    (run / "signatures.json").write_text("[]")
+    (run / "figures").mkdir()
+    (run / "figures" / "logp.png").write_bytes(b"png")
+    (run / "notes.txt").write_text("mine")
+    finished = snapshot(run)
+    typo = TrainSettings(**{**settings.__dict__, "model": str(tmp_path / "tiny-typo"), "learning_rate": 5e-4})
+    with pytest.raises(LearndynError, match="tiny-typo"):
+        train(typo, overwrite=True)
+    assert snapshot(run) == finished  # the finished run, its config and its report untouched
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(LearndynError, match="empty probe file"):
+        train(TrainSettings(**{**settings.__dict__, "probes": str(tmp_path / "empty.jsonl")}), overwrite=True)
+    assert snapshot(run) == finished
+    train(TrainSettings(**{**settings.__dict__, "learning_rate": 5e-4}), overwrite=True)
+    assert not (run / "report.html").exists() and not (run / "signatures.json").exists()
+    assert not (run / "figures").exists()  # a report of the old run must not sit beside the new one
+    assert read_config(run)["learning_rate"] == 5e-4 and (run / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny_folder, probes, tmp_path):
+    settings = tiny_run(tiny_folder, probes, tmp_path, out=str(tmp_path / "thesis"))
+    folder = tmp_path / "thesis"
+    for name in ("metrics/table.csv", "checkpoints/model.bin", "figures/plot.png", "report.html"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(name)
+    kept = snapshot(folder)
+    with pytest.raises(LearndynError, match="thesis is not a learndyn run .*nothing was deleted"):
+        train(settings, overwrite=True)
+    assert snapshot(folder) == kept
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = train(TrainSettings(**{**settings.__dict__, "out": str(empty)}), overwrite=True)  # an empty folder is fine
+    assert sorted(set(read_metrics(run)["step"])) == [0, 1, 2]
+
+
+def test_resume_refuses_edited_input_files_and_names_what_differs(tiny_folder, probes, tmp_path, caplog):
+    settings = tiny_run(tiny_folder, probes, tmp_path)
+    run = train(settings)
+    shards = sorted((run / "metrics").glob("*.parquet"))
+    shards[-1].unlink()
+    probe_file, data_file = Path(settings.probes), Path(settings.data)
+    original = {path: path.read_bytes() for path in (probe_file, data_file)}
+    probe_file.write_bytes(original[probe_file].replace(b"water", b"milk", 1))
+    with pytest.raises(LearndynError, match=r"other settings.*probes: content of .*p\.jsonl' differs"):
+        train(settings, resume=True)
+    probe_file.write_bytes(original[probe_file])
+    data_file.write_bytes(original[data_file].replace(b"four quarts", b"five quarts", 1))
+    with pytest.raises(LearndynError, match=r"data: content of .*d\.jsonl' differs") as err:
+        train(settings, resume=True)
+    assert "probes" not in str(err.value)
+    data_file.write_bytes(original[data_file])
+    with pytest.raises(LearndynError, match=r"data: rows were all, now \[:6\]"):
+        train(TrainSettings(**{**settings.__dict__, "data": f"{data_file}[:6]"}), resume=True)
+    with pytest.raises(LearndynError, match=r"learning_rate: was 0\.001, now 0\.0001$"):
+        train(TrainSettings(**{**settings.__dict__, "learning_rate": 1e-4}), resume=True)
+    assert not shards[-1].exists()  # nothing was trained by a refused resume
+    (run / "inputs.yaml").unlink()  # a run made before inputs were recorded still resumes, with a warning
+    train(settings, resume=True)
+    assert shards[-1].exists() and "compared by path only" in caplog.text
+
+
+def test_resume_accepts_the_same_run_however_its_paths_are_spelled(tiny_folder, probes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = tiny_run(tiny_folder, probes, tmp_path, out="run", probes="p.jsonl", data="d.jsonl")
+    run = tmp_path / train(settings)
+    complete = read_metrics(run)
+    shards = sorted((run / "metrics").glob("*.parquet"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for spelled in (dict(out="./run/"), dict(out=str(run), probes=str(tmp_path / "p.jsonl")),
+                    dict(out="../run", probes="../p.jsonl", data="../d.jsonl")):
+        shards[-1].unlink()
+        monkeypatch.chdir(elsewhere if spelled["out"] == "../run" else tmp_path)
+        train(TrainSettings(**{**settings.__dict__, **spelled}), resume=True)
+        pd.testing.assert_frame_equal(read_metrics(run), complete, rtol=1e-5)
+
+
+def test_resume_refuses_a_from_run_that_was_overwritten(tiny_folder, probes, tmp_path):
+    sft = tiny_run(tiny_folder, probes, tmp_path, out=str(tmp_path / "sft"))
+    train(sft)
+    dpo = TrainSettings(**{**sft.__dict__, "phase": "dpo", "out": str(tmp_path / "dpo"), "from_run": sft.out,
+                           "learning_rate": None})
+    run = train(dpo)
+    shards = sorted((run / "metrics").glob("*.parquet"))
+    shards[-1].unlink()
+    train(TrainSettings(**{**sft.__dict__, "learning_rate": 5e-3}), overwrite=True)  # other weights, same path
+    with pytest.raises(LearndynError, match=r"from: content of .*sft' differs \(same path"):
+        train(dpo, resume=True)
+    assert not shards[-1].exists()
 
 
 def test_nan_loss_stops_training_and_keeps_earlier_metrics(tiny_llama, probes, tmp_path):

@@ -178,8 +178,8 @@ LimitOpt = Annotated[Optional[int], typer.Option(help="Train on the first N exam
 ProbeLimitOpt = Annotated[Optional[int], typer.Option(help="Track the first N probe prompts only.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed (default 0).")]
 MaxLenOpt = Annotated[Optional[int], typer.Option(help="Tokens per sequence (default 512); a longer prompt keeps its last tokens.")]
-ResumeOpt = Annotated[bool, typer.Option(help="Continue a run folder that holds metrics (same settings).")]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace a run folder's metrics and checkpoints.")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue a run folder that holds metrics (same settings and input files).")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace a run (its metrics, checkpoints and report); a folder that is not a run is refused.")]
 
 
 @train_app.command("sft")

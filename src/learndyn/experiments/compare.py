@@ -13,8 +13,8 @@ orders; the intrinsic measures describe each set of answers. The folder:
     DIR/summary.json                       settings, step counts, win rates, intrinsic measures, signatures
     DIR/report.html, DIR/figures/          the report: win rates, intrinsic measures, dynamics of all arms
 
-A rerun with `resume` reuses every finished run (same settings), response file and verdict; anything
-downstream of a retrained run is redone.
+A rerun with `resume` reuses every finished run (same settings and input files), response file and
+verdict; anything downstream of a retrained run is redone.
 """
 
 from __future__ import annotations
@@ -197,13 +197,13 @@ def _build_probes(settings: CompareSettings, path: Path) -> None:
 
 
 def _train_once(settings: Any, *, resume: bool) -> tuple[Path, bool]:
-    """Train unless `resume` finds this run finished with these settings; (run, trained now?)."""
-    from learndyn.training.recipes import train
-    from learndyn.training.runs import read_config
+    """Train unless `resume` finds this run finished with these settings and inputs (the content of
+    the data file and of the run it starts from); (run, trained now?)."""
+    from learndyn.training.recipes import resume_differences, train
 
     run = Path(settings.out)
     finished = (run / "checkpoints" / "final" / "config.json").is_file() and (run / "config.yaml").is_file()
-    if resume and finished and read_config(run) == settings.to_dict():
+    if resume and finished and not resume_differences(settings, run):
         return run, False
     return train(settings, overwrite=True), True
 

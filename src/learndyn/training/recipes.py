@@ -20,7 +20,8 @@ from typing import Any
 
 from learndyn.errors import LearndynError
 from learndyn.models import BUILTIN_MODEL
-from learndyn.training.runs import prepare_run, read_config, write_config
+from learndyn.training.inputs import data_identity, differences, identity, read_inputs
+from learndyn.training.runs import check_run_folder, is_run, read_config, start_run
 
 log = logging.getLogger(__name__)
 
@@ -133,22 +134,31 @@ class TrainSettings:
 
 
 def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Run one tracked phase; returns the run folder. Interrupting it keeps the evaluations written."""
+    """Run one tracked phase; returns the run folder. Interrupting it keeps the evaluations written.
+
+    Everything that can fail on the user's input (the folder, --from, data, probes, a resumed run's
+    settings and inputs, the model itself) is checked before the run folder is touched."""
     from learndyn.data import fit_prompts, load_preferences
     from learndyn.probes.files import read_probes
     from learndyn.training.callback import LearningDynamicsCallback
 
     run = Path(settings.out)
-    if resume and (run / "config.yaml").is_file() and _stored_settings(run) != settings.to_dict():
-        raise LearndynError(f"{run} was made with other settings; --resume needs the same ones (or use --overwrite)")
-    start = _starting_point(settings)  # fail on a missing --from before touching the run folder
+    check_run_folder(run, resume=resume, overwrite=overwrite)
+    start = _starting_point(settings)
     need_rejected = (settings.phase == "dpo" and not settings.on_policy) or settings.extend
     prefs = load_preferences(settings.data, limit=settings.limit, need_rejected=need_rejected)
     probes = read_probes(settings.probes, limit=settings.probe_limit)
-    run = prepare_run(run, resume=resume, overwrite=overwrite)
-    write_config(run, settings.to_dict())
+    continuing = resume and is_run(run)
+    inputs = run_inputs(settings)
+    if continuing:
+        differ = resume_differences(settings, run, inputs)
+        if differ:
+            raise LearndynError(f"{run} was made with other settings; --resume needs the same ones (or use "
+                                f"--overwrite): {'; '.join(differ)}")
+    model, tokenizer = _load_trainable(start, settings.device)  # a wrong --model fails before anything is removed
+    if not continuing:
+        start_run(run, settings.to_dict(), inputs, overwrite=overwrite)
 
-    model, tokenizer = _load_trainable(start, settings.device)
     prefs, cut = fit_prompts(prefs, tokenizer, settings.max_length)
     if cut:
         log.warning(f"{run}: {cut} of {len(prefs)} prompts are too long for max_length {settings.max_length} "
@@ -174,6 +184,32 @@ def _stored_settings(run: Path) -> dict[str, Any]:
     defaults = {f.name: f.default for f in fields(TrainSettings) if f.default is not MISSING}
     defaults["from"] = defaults.pop("from_run")
     return {**defaults, **read_config(run)}
+
+
+def run_inputs(settings: TrainSettings) -> dict[str, dict[str, str]]:
+    """Paths and content hashes of what the run reads from disk (see inputs.py); hub ids, the
+    built-in model and data have none."""
+    inputs = {"probes": identity(settings.probes)}
+    data = data_identity(settings.data)
+    if data is not None:
+        inputs["data"] = data
+    if settings.from_run:
+        inputs["from"] = identity(final_checkpoint(settings.from_run))
+    elif settings.model != BUILTIN_MODEL and Path(settings.model).exists():
+        inputs["model"] = identity(settings.model)
+    return inputs
+
+
+def resume_differences(settings: TrainSettings, run: str | Path,
+                       inputs: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """What differs between the run in `run` and `settings` (settings, and the content of input
+    files); empty when `settings` may continue it."""
+    recorded = read_inputs(run)
+    if recorded is None:
+        log.warning(f"{run}: no record of its inputs' content (made by an older learndyn); the probe and data "
+                    "files are compared by path only")
+    return differences(_stored_settings(Path(run)), recorded, settings.to_dict(),
+                       run_inputs(settings) if inputs is None else inputs)
 
 
 def final_checkpoint(run: str | Path) -> Path:

@@ -1,6 +1,7 @@
 """Run directories: where a tracked training run keeps its settings and measurements.
 
     RUN/config.yaml            the fully resolved settings (written once, atomically)
+    RUN/inputs.yaml            paths and content hashes of the input files (see inputs.py)
     RUN/metrics/*.parquet      long-format probe scores, one shard per evaluation, written atomically
     RUN/checkpoints/           optional model checkpoints (final/ holds the end of the run)
     RUN/figures/, RUN/report.html, RUN/signatures.json   written by `learndyn report`
@@ -24,17 +25,60 @@ KEY_COLUMNS = ("phase", "step", "epoch", "example_id", "response_type")
 PHASES = ("sft", "dpo")
 
 
-def prepare_run(run: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Create `run`, refusing to mix a new run with an old one's metrics unless asked."""
+# What a run writes (and --overwrite removes); anything else in the folder is the user's and stays.
+RUN_OUTPUTS = ("metrics", "checkpoints", "figures", "report.html", "signatures.json", "inputs.yaml")
+
+
+def check_run_folder(run: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse, before any work and without writing, a folder that this run must not touch: one that
+    holds metrics (without --resume or --overwrite), or --overwrite on a folder that is not a run."""
     run = Path(run)
+    if resume and overwrite:
+        raise LearndynError("pass --resume or --overwrite, not both")
+    if run.exists() and not run.is_dir():
+        raise LearndynError(f"{run}: not a folder; a run folder is needed")
     has_metrics = any((run / "metrics").glob("*.parquet"))
     if has_metrics and not (resume or overwrite):
         raise LearndynError(f"{run} already holds metrics; pass --resume to continue it or --overwrite to replace it")
+    if overwrite and run.exists() and not is_run(run) and not _is_empty(run):
+        raise LearndynError(f"{run} is not a learndyn run (no config.yaml) and is not empty; --overwrite replaces "
+                            "runs only, so nothing was deleted: choose another --out")
+
+
+def is_run(run: str | Path) -> bool:
+    """A folder that learndyn made a run in (it writes config.yaml before anything else)."""
+    return (Path(run) / "config.yaml").is_file()
+
+
+def _is_empty(run: Path) -> bool:
+    """Nothing in it but the temporary files an interrupted atomic write may leave (.NAME.XXXX.tmp)."""
+    return all(p.name.startswith(".") and p.name.endswith(".tmp") for p in run.iterdir())
+
+
+def start_run(run: str | Path, config: dict[str, Any], inputs: dict[str, Any], *, overwrite: bool = False) -> Path:
+    """Begin a run in `run` (already checked by `check_run_folder`): with `overwrite`, remove what an
+    earlier run wrote (metrics first, so that a crash midway never leaves them beside new settings),
+    then write config.yaml and inputs.yaml."""
+    from learndyn.training.inputs import write_inputs
+
+    run = Path(run)
     if overwrite and run.exists():
-        for name in ("metrics", "checkpoints", "figures"):
-            shutil.rmtree(run / name, ignore_errors=True)
+        for name in RUN_OUTPUTS:
+            _remove(run / name)
+    write_config(run, config)
+    write_inputs(run, inputs)
     (run / "metrics").mkdir(parents=True, exist_ok=True)
     return run
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError as err:
+        raise LearndynError(f"--overwrite: cannot remove {path} ({err.strerror or err})") from None
 
 
 def write_config(run: str | Path, config: dict[str, Any]) -> None:
