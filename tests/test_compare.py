@@ -141,3 +141,18 @@ def test_on_policy_arm_continues_the_baseline_sft_model_and_is_judged_against_of
     on_policy = [s for s in summary["signatures"] if s["name"] == "on_policy_squeezes_less"]
     assert len(on_policy) == 1 and on_policy[0]["held"] in (True, False)
     assert "baseline, on-policy DPO" in Path(summary["report"]).read_text(encoding="utf-8")
+
+
+def test_on_policy_arm_sends_an_openai_judge_to_the_endpoint_the_user_named(tmp_path, monkeypatch):
+    """`compare --on-policy --judge openai:M --base-url U --api-key-env V`: the on-policy arm's judge
+    must use U and V too, never the default host with OPENAI_API_KEY."""
+    import learndyn.experiments.compare as compare
+
+    monkeypatch.setenv("MY_KEY", "sk-test-0123456789")
+    seen = []
+    monkeypatch.setattr(compare, "_build_probes", lambda settings, path: None)
+    monkeypatch.setattr(compare, "_train_once", lambda s, resume: (seen.append(s) or Path(s.out), True))
+    settings = replace(tiny_settings(tmp_path / "model", tmp_path / "out"), judge="openai:judge-model", on_policy=True)
+    compare.train_arms(settings, judge_options={"base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY"})
+    (on,) = [s for s in seen if s.on_policy]
+    assert (on.judge, on.judge_base_url, on.judge_api_key_env) == ("openai:judge-model", "http://127.0.0.1:9/v1", "MY_KEY")

@@ -109,7 +109,7 @@ def run_compare(settings: CompareSettings, *, resume: bool = False, overwrite: b
     clock: dict[str, float] = {}
 
     start = time.perf_counter()
-    checkpoints, retrained = train_arms(settings, resume=resume, console=console)
+    checkpoints, retrained = train_arms(settings, resume=resume, console=console, judge_options=judge_options)
     clock["training"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -143,10 +143,11 @@ def run_compare(settings: CompareSettings, *, resume: bool = False, overwrite: b
     return summary
 
 
-def train_arms(settings: CompareSettings, *, resume: bool = False, console: Console | None = None
-               ) -> tuple[list[Checkpoint], set[str]]:
+def train_arms(settings: CompareSettings, *, resume: bool = False, console: Console | None = None,
+               judge_options: dict[str, Any] | None = None) -> tuple[list[Checkpoint], set[str]]:
     """Build the probe set and train every arm; returns the checkpoints in training order and the
-    names of those trained now (not reused)."""
+    names of those trained now (not reused). The on-policy arm's judge takes the endpoint in
+    `judge_options` (base_url, api_key_env), so the key goes to the host the user named."""
     from learndyn.training.recipes import TrainSettings
 
     console = console or Console(stderr=True)
@@ -165,7 +166,10 @@ def train_arms(settings: CompareSettings, *, resume: bool = False, console: Cons
                             epochs=settings.dpo_epochs, learning_rate=settings.dpo_lr, **common)
         plan += [(arm, "sft", sft), (arm, "dpo", dpo)]
     if settings.on_policy:
-        on = replace(plan[1][2], out=str(out / "baseline" / "dpo-on-policy"), on_policy=True, judge=settings.judge)
+        endpoint = {} if not settings.judge.startswith("openai:") else {
+            "judge_base_url": (judge_options or {}).get("base_url"), "judge_api_key_env": (judge_options or {}).get("api_key_env")}
+        on = replace(plan[1][2], out=str(out / "baseline" / "dpo-on-policy"), on_policy=True, judge=settings.judge,
+                     **endpoint)
         plan.append(("baseline", "dpo-on-policy", on))
     checkpoints, retrained = [], set()
     for number, (arm, phase, train_settings) in enumerate(plan, 1):
