@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from learndyn.atomic import atomic_dir
 from learndyn.errors import LearndynError
 from learndyn.models import BUILTIN_MODEL
 from learndyn.training.runs import prepare_run, read_config, write_config
@@ -174,16 +172,9 @@ def final_checkpoint(run: str | Path) -> Path:
 
 def save_checkpoint(model: Any, tokenizer: Any, path: Path) -> None:
     """Save model + tokenizer to `path` atomically (a temporary folder renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _starting_point(settings: TrainSettings) -> str:
