@@ -416,3 +416,118 @@ def test_compare_table_counts_the_pairs_whose_two_orders_disagreed(capsys, monke
     header = next(line for line in lines if "win rate of A" in line).replace("┃", "│")
     row = next(line for line in lines if "extended/dpo" in line)
     assert header.split("│")[-2].strip() == "orders disagreed" and row.split("│")[-2].strip() == "7"
+
+
+def _run_folder(path: Path) -> Path:
+    from test_report import make_run
+
+    return make_run(path, "sft", {"chosen": [-50.0, -40.0]})
+
+
+@pytest.mark.parametrize("command", ["probes build", "score", "train sft", "report"])
+def test_an_unwritable_output_is_one_line_naming_it_before_any_work(tmp_path, command):
+    """A path under a regular file cannot be created, even by root (chmod does not stop root). The model
+    does not exist: the output is checked before it is looked for, not after the work."""
+    (tmp_path / "a-file").write_text("")
+    target = tmp_path / "a-file" / "out"
+    missing_model = str(tmp_path / "no-such-model")
+    args = {
+        "probes build": ["probes", "build", "--data", "example", "--limit", "2", "--out", str(target / "p.jsonl")],
+        "score": ["score", "--probes", str(tmp_path / "p.jsonl"), "--model", missing_model,
+                  "--out", str(target / "s.parquet")],
+        "train sft": ["train", "sft", "--data", "example", "--probes", str(tmp_path / "p.jsonl"),
+                      "--model", missing_model, "--out", str(target)],
+        "report": ["report", str(_run_folder(tmp_path / "run")), "--out", str(target)],
+    }[command]
+    if command in ("score", "train sft"):
+        assert build(tmp_path / "p.jsonl").returncode == 0
+    assert_one_error_line(learndyn(*args), "cannot write to", str(target), "Not a directory")
+
+
+def test_score_max_length_below_two_is_one_line_before_loading(tmp_path):
+    assert build(tmp_path / "p.jsonl").returncode == 0
+    for value in ("0", "1"):
+        result = learndyn("score", "--probes", str(tmp_path / "p.jsonl"), "--model", str(tmp_path / "no-such-model"),
+                          "--out", str(tmp_path / "s.parquet"), "--max-length", value)
+        assert_one_error_line(result, "max_length must be at least 2", f"got {value}")
+
+
+def test_disk_full_while_training_is_one_line_and_keeps_the_finished_shards(tmp_path, tiny_folder, monkeypatch,
+                                                                            capsys):
+    """ENOSPC on the second metrics shard: one line saying so and how many evaluations are kept."""
+    import errno
+
+    import pandas as pd
+
+    from learndyn import cli
+
+    probes = tmp_path / "p.jsonl"
+    assert build(probes).returncode == 0
+    real_to_parquet = pd.DataFrame.to_parquet
+    calls = []
+
+    def fill_the_disk(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 1:
+            Path(path).write_bytes(b"PAR1")  # half a file, as a full disk leaves it
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_to_parquet(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", fill_the_disk)
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["learndyn", "train", "sft", "--data", "example", "--probes", str(probes),
+                                      "--model", str(tiny_folder), "--out", str(run), "--limit", "4",
+                                      "--batch-size", "2", "--epochs", "1", "--every", "1", "--max-length", "128"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert error == [f"error: No space left on device; 1 evaluations kept in {run / 'metrics'}"]
+    assert [p.name for p in (run / "metrics").iterdir()] == ["sft-step00000000.parquet"]  # no half-written shard
+    pd.read_parquet(run / "metrics" / "sft-step00000000.parquet")
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
+    """typer turns Ctrl-C into a silent exit 130; main() says so."""
+    from learndyn import cli
+    from learndyn.experiments import squeeze
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(squeeze, "run_squeeze", interrupted)
+    monkeypatch.setattr(sys, "argv", ["learndyn", "squeeze", "--out", str(tmp_path / "sq")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_ctrl_c_during_training_says_how_many_evaluations_are_kept(tmp_path, tiny_folder):
+    import signal
+
+    probes = tmp_path / "p.jsonl"
+    assert build(probes).returncode == 0
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in {"FORCE_COLOR", "PY_COLORS", "CLICOLOR_FORCE"}}
+    proc = subprocess.Popen(
+        [LEARNDYN, "train", "sft", "--data", "example", "--probes", str(probes), "--model", str(tiny_folder),
+         "--out", str(run), "--limit", "4", "--batch-size", "1", "--every", "1", "--epochs", "1000",
+         "--max-length", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell ignores SIGINT
+    try:
+        deadline = time.monotonic() + 120
+        while not list((run / "metrics").glob("*.parquet")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    kept = len(list((run / "metrics").glob("*.parquet")))
+    assert proc.returncode == 130, err[-2000:]
+    assert kept >= 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"interrupted; {kept} evaluations kept in {run / 'metrics'}"

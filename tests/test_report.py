@@ -252,3 +252,12 @@ def test_extra_sections_go_into_the_page_before_the_signatures(tmp_path):
                         sections=[("Win rates", "<p>a <b>table</b></p>")]).read_text(encoding="utf-8")
     assert "<h2>Win rates</h2>\n<p>a <b>table</b></p>" in page
     assert page.index("<h2>Arms</h2>") < page.index("<h2>Win rates</h2>") < page.index("<h2>Signatures</h2>")
+
+
+def test_run_names_with_dollar_signs_are_drawn_as_written(tmp_path):
+    """matplotlib reads `$...$` as mathtext: `$\\frac$` crashed the report, `$x$` turned italic."""
+    runs = [make_run(tmp_path / name, "sft", {"chosen": [-50, -40]}) for name in ("a$\\frac$", "b$x$")]
+    fig = figures.draw(load_arms(runs))
+    fig.canvas.draw()  # where mathtext is parsed
+    assert {t.get_text() for t in fig.legends[0].get_texts()} == {"a\\$\\frac\\$", "b\\$x\\$"}  # \\$ shows a $
+    assert build_report(runs).is_file()

@@ -313,3 +313,23 @@ def test_two_processes_write_each_probe_once(tiny_folder, probes, tmp_path):
     assert not metrics.duplicated(["step", "example_id", "response_type"]).any()
     order = [p.example_id for p in probes]
     assert list(dict.fromkeys(metrics.query("step == 0")["example_id"])) == order
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("epochs", float("inf"), "epochs must be a positive finite number, got inf"),
+    ("epochs", float("nan"), "epochs must be a positive finite number, got nan"),
+    ("epochs", -1.0, "epochs must be a positive finite number, got -1.0"),
+    ("learning_rate", float("inf"), "learning_rate must be a positive finite number, got inf"),
+    ("max_length", 0, "max_length must be at least 2"),
+    ("max_length", 1, "max_length must be at least 2"),
+])
+def test_settings_that_cannot_train_are_refused_on_creation(setting, value, message):
+    with pytest.raises(LearndynError, match=message):
+        TrainSettings(phase="sft", data="example", probes="p.jsonl", out="r", **{setting: value})
+
+
+def test_a_max_length_that_leaves_no_row_is_one_line(tiny_folder, probes, tmp_path):
+    write_probes(probes, tmp_path / "p.jsonl")
+    with pytest.raises(LearndynError, match="no training row fits in max_length 2"):
+        train(TrainSettings(phase="sft", data="example", probes=str(tmp_path / "p.jsonl"), out=str(tmp_path / "r"),
+                            model=str(tiny_folder), limit=2, max_length=2))

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from learndyn.atomic import check_writable, describe_os_error
 from learndyn.errors import LearndynError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
@@ -31,8 +32,14 @@ DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (
 DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU).")]
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying the one line to print (what was kept)."""
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
+    """Entry point: user errors become one line on stderr and exit code 1, never a traceback; so do
+    the system's refusals to write (a read-only folder, a full disk). Ctrl-C prints one line and exits
+    with 130 (typer turns it into a silent exit 130, which is recognised by its cause)."""
     # Our own bars show progress; TRL's per-dataset map bars and transformers' notices about its own
     # renamed options (FutureWarning) say nothing a user can act on.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -40,11 +47,38 @@ def main() -> None:
     try:
         app()
     except LearndynError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        sys.exit(130)
+        _error_line(str(err))
+    except OSError as err:
+        _error_line(describe_os_error(err))
+    except KeyboardInterrupt as err:
+        _interrupted(err)
+    except SystemExit as exc:
+        cause = _keyboard_interrupt(exc)
+        if cause is None:
+            raise
+        _interrupted(cause)
+
+
+def _error_line(text: str) -> None:
+    console.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
+    sys.exit(1)
+
+
+def _interrupted(err: KeyboardInterrupt) -> None:
+    console.print(escape(str(err) if isinstance(err, Interrupted) else "interrupted"), highlight=False,
+                  soft_wrap=True)
+    sys.exit(130)
+
+
+def _keyboard_interrupt(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt behind an exit, if any (typer raises Exit(130) from it, then sys.exit)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @probes_app.command("build")
@@ -76,6 +110,7 @@ def probes_build(
         raise LearndynError(f"unknown rephraser '{rephraser}'; valid: {', '.join(REPHRASERS)}")
     if out_path.exists() and not (resume or overwrite):
         raise LearndynError(f"{out_path} exists; pass --resume to finish it or --overwrite to replace it")
+    check_writable(out_path.parent)
     done = read_probes(out_path) if resume and out_path.exists() else []
     train = load_preferences(data, limit=_positive(limit, "--limit"))
     test = load_preferences(held_out) if held_out else None
@@ -130,7 +165,10 @@ def score(
     selected = check_types([t.strip() for t in types.split(",") if t.strip()]) if types else None
     from learndyn.models import load_model
     from learndyn.probes.files import read_probes
-    from learndyn.scoring import score_probes, write_scores
+    from learndyn.scoring import check_max_length, score_probes, write_scores
+
+    check_max_length(max_length)
+    check_writable(out_path.parent)
 
     rows = read_probes(probes, limit=_positive(limit, "--limit"))
     lm, tok = load_model(model, device=device, dtype=dtype)
@@ -162,8 +200,19 @@ def _train(phase: str, config: Optional[Path], flags: dict, resume: bool, overwr
     values.update({k: v for k, v in flags.items() if v is not None})
     values["phase"] = phase
     settings = TrainSettings.from_dict(values)
-    run = train(settings, resume=resume, overwrite=overwrite)
+    check_writable(settings.out, "run folder")
+    metrics = Path(settings.out) / "metrics"
+    try:
+        run = train(settings, resume=resume, overwrite=overwrite)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {_shards(metrics)} evaluations kept in {metrics}") from None
+    except OSError as err:
+        raise LearndynError(f"{describe_os_error(err)}; {_shards(metrics)} evaluations kept in {metrics}") from None
     out.print(f"{phase} run finished: {run} (metrics in {run / 'metrics'}; `learndyn report {run}` draws them)")
+
+
+def _shards(metrics: Path) -> int:
+    return len(list(metrics.glob("*.parquet"))) if metrics.is_dir() else 0
 
 
 DataOpt = Annotated[Optional[str], typer.Option(help="Training preference data (see `probes build --data`).")]
@@ -232,6 +281,9 @@ def report(
     """Figures, the signatures table and report.html, from the runs' stored metrics alone."""
     from learndyn.report import build_report, evaluate_signatures
 
+    target = out_dir if out_dir is not None else (runs[-1] if runs else None)
+    if target is not None and (out_dir is not None or target.is_dir()):
+        check_writable(target)
     page = build_report(runs, out_dir)
     print_signatures(evaluate_signatures(runs))
     out.print(f"report: {page}")
@@ -260,6 +312,7 @@ def demo(
     from learndyn.report import build_report, evaluate_signatures
 
     settings = demo_settings(quick, out=str(out_dir), device=device)
+    check_writable(out_dir)
     runs = run_demo(settings, console)
     page = build_report(runs, out_dir)
     print_signatures(evaluate_signatures(runs))
@@ -295,6 +348,7 @@ def explain(
         lr=lr, beta=beta, ref_model=ref_model, on_policy=on_policy, types=_names(types),
         probe_limit=_positive(probe_limit, "--probe-limit"),
         chunk_tokens=chunk_tokens, tokenizer=tokenizer, device=device, dtype=dtype)
+    check_writable(out_dir)
     result = run_explain(settings, out_dir)
     print_explanation(result.summary)
     out.print(f"written: {out_dir}/changes.parquet, positions.parquet, summary.json, changes.png, squeeze.png")
@@ -328,6 +382,7 @@ def squeeze(
 
     from learndyn.experiments.squeeze import run_squeeze, table_rows
 
+    check_writable(out_dir)
     rows = table_rows(run_squeeze(out_dir, case=case, seed=seed))
     view = Table(*rows[0].keys(), title="One update of the toy model (probabilities before → after)")
     for row in rows:
@@ -345,6 +400,7 @@ def digits(
     """Classification dynamics, exactly: A, K, G on sklearn's 8x8 digits, one step and over training."""
     from learndyn.experiments.digits import run_digits
 
+    check_writable(out_dir)
     summary = run_digits(out_dir, seed=seed, steps=steps)
     one = summary["one_step"]
     out.print(f"one SGD step on a '{one['update_digit']}': predicted -lr*A*K*G vs actual change of log pi, "
@@ -399,6 +455,7 @@ def generate(
                                 batch_size=batch_size)
     if out_path.exists() and not overwrite:
         raise LearndynError(f"{out_path} exists; pass --overwrite to replace it")
+    check_writable(out_path.parent)
     rows = generate_file(run, data, out_path, settings, n=n, device=device, dtype=dtype)
     m = text_measures(rows)
     ratios = ", ".join(f"{name} {'n/a' if m[key] is None else format(m[key], '.3f')}" for name, key in
@@ -428,6 +485,7 @@ def judge(
     """Judge two response files pairwise, each pair in both orders, and print the win rate of A."""
     from learndyn.judging import judge_files, make_judge, win_rate
 
+    check_writable(out_path.parent)
     judge_ = make_judge(judge_spec, base_url=base_url, api_key_env=api_key_env, rate_limit=rate_limit,
                         workers=workers, batch_size=batch_size, tie_margin=tie_margin, device=device, dtype=dtype)
     result = judge_files(a_file, b_file, judge_, out_path, max_pairs=max_pairs, overwrite=overwrite)
@@ -477,6 +535,7 @@ def compare(
                                 sft_epochs=sft_epochs, dpo_epochs=dpo_epochs, sft_lr=sft_lr, dpo_lr=dpo_lr, beta=beta,
                                 max_new_tokens=max_new_tokens, max_length=max_length, seed=seed,
                                 device=device)
+    check_writable(out_dir)
     summary = run_compare(settings, resume=resume, overwrite=overwrite, console=console,
                           judge_options=dict(base_url=base_url, api_key_env=api_key_env, rate_limit=rate_limit))
     print_comparison(summary)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from learndyn.atomic import atomic_dir, sweep_stale
 from learndyn.errors import LearndynError
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
@@ -111,6 +110,7 @@ def _cached_from_gguf(gguf: Path, key: str) -> Path:
     """De-quantize a GGUF file once and keep plain safetensors in the cache; return that folder."""
     target = cache_dir() / "models" / key
     if (target / "config.json").is_file():
+        sweep_stale(target.parent)  # a conversion killed earlier (by another process) left its temporary folder
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,14 +121,13 @@ def _cached_from_gguf(gguf: Path, key: str) -> Path:
     except Exception as err:  # the gguf reader raises many types for a broken file
         raise LearndynError(f"cannot read GGUF file {gguf}: {_first_line(err)}") from None
     clear_quantizer_marker(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache entry
+        # atomic: a crash never leaves a half-written cache entry, and a kill leaves a temporary folder
+        # that the next conversion removes
+        with atomic_dir(target, replace=False) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():  # another process may have won the race
             raise
     return target

@@ -116,10 +116,17 @@ def score_probes(
     one forward pass; it defaults to 1024 on CPU (measured best in bench/score_throughput.py) and
     16384 on GPU. Memory for logits stays bounded whatever it is (see `_token_stats`).
     """
+    check_max_length(max_length)
     if max_length is None:
         max_length = context_length(model)
     encoded = encode_probes(probes, tokenizer, types=types, max_length=max_length)
     return score_encoded(model, encoded, batch_tokens=batch_tokens, progress=progress)
+
+
+def check_max_length(max_length: int | None) -> None:
+    """A scored sequence needs a prompt token and a response token; fail before any work otherwise."""
+    if max_length is not None and max_length < 2:
+        raise LearndynError(f"max_length must be at least 2 (a prompt token and a response token), got {max_length}")
 
 
 def context_length(model: Any) -> int | None:

@@ -11,6 +11,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from learndyn.judging.winrate import rate_text
+from learndyn.report.figures import plain
 from learndyn.report.page import _fmt, _table, _td
 
 # Intrinsic measures shown, in this order: (summary key, column header).
@@ -29,7 +30,7 @@ def win_rate_figure(win_rates: list[dict[str, Any]]) -> bytes:
         ax.errorbar(row["win_rate"], y, xerr=[[row["win_rate"] - row["ci_low"]], [row["ci_high"] - row["win_rate"]]],
                     fmt="o", color="tab:blue", capsize=4)
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set_yticks(range(len(rows)), [f"{r['a']} vs {r['b']}" for r in rows])
+    ax.set_yticks(range(len(rows)), [plain(f"{r['a']} vs {r['b']}") for r in rows])
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("win rate of the first (ties count half), 95% bootstrap interval")

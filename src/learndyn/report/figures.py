@@ -34,6 +34,12 @@ STYLES = ("-", "--", ":", "-.")
 PER_RUN_TYPES = frozenset({"greedy"})
 
 
+def plain(text: str) -> str:
+    """`text` as matplotlib shows it literally: a `$` would start mathtext, which renders a run named
+    `a$x$` in italics and fails on `$\\frac$` (a crash, not a report). Only for text we did not write."""
+    return text.replace("$", r"\$")
+
+
 def render(arms: list[Arm], change: bool = False) -> bytes:
     """The figure of `draw` as PNG bytes."""
     buf = io.BytesIO()
@@ -57,9 +63,9 @@ def draw(arms: list[Arm], change: bool = False) -> Figure:
     for ax in axes[len(panels):]:
         fig.delaxes(ax)  # the grid's unused cells
     what = "change in mean logp_sum since step 0" if change else "mean logp_sum per response type"
-    fig.suptitle(f"{what} ({'; '.join(a.label for a in arms)})")
+    fig.suptitle(f"{what} ({'; '.join(plain(a.label) for a in arms)})")
     if len(arms) > 1:
-        handles = [Line2D([], [], color="black", linestyle=STYLES[i % len(STYLES)], label=arm.label)
+        handles = [Line2D([], [], color="black", linestyle=STYLES[i % len(STYLES)], label=plain(arm.label))
                    for i, arm in enumerate(arms)]
         fig.legend(handles=handles, loc="outside lower center", ncols=len(arms), title="arm")
     return fig

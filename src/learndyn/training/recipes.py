@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import shutil
-import tempfile
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from learndyn.atomic import atomic_dir
 from learndyn.errors import LearndynError
 from learndyn.models import BUILTIN_MODEL
 from learndyn.training.inputs import data_identity, differences, identity, read_inputs
@@ -78,11 +77,16 @@ class TrainSettings:
             raise LearndynError(f"unknown DPO loss '{self.loss}'; valid: {', '.join(DPO_LOSSES)}")
         if self.learning_rate is None:
             self.learning_rate = 2e-5 if self.phase == "sft" else 5e-6
-        for name in ("batch_size", "grad_accum", "max_length", "every"):
+        for name in ("batch_size", "grad_accum", "every"):
             if getattr(self, name) < 1:
                 raise LearndynError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.epochs > 0 or not self.learning_rate > 0:
-            raise LearndynError("epochs and learning_rate must be positive")
+        if self.max_length < 2:
+            raise LearndynError(f"max_length must be at least 2 (a prompt token and a response token), "
+                                f"got {self.max_length}")
+        for name in ("epochs", "learning_rate"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise LearndynError(f"{name} must be a positive finite number, got {value}")
         self._check_on_policy()
 
     def _check_on_policy(self) -> None:
@@ -224,16 +228,9 @@ def final_checkpoint(run: str | Path) -> Path:
 
 def save_checkpoint(model: Any, tokenizer: Any, path: Path) -> None:
     """Save model + tokenizer to `path` atomically (a temporary folder renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _starting_point(settings: TrainSettings) -> str:
@@ -351,6 +348,9 @@ def _warn_dropped(trainer: Any, given: int, run: Path) -> Any:
     """Say so when TRL left rows out (a response cut away whole: a conversation whose last turn alone
     fills max_length); `fit_prompts` prevents it for every other row."""
     kept = len(trainer.train_dataset)
+    if kept == 0:
+        raise LearndynError(f"no training row fits in max_length {trainer.args.max_length}; "
+                            "a larger max_length keeps them")
     if kept < given:
         log.warning(f"{run}: TRL left out {given - kept} of {given} training rows that do not fit in max_length "
                     f"{trainer.args.max_length}; a larger max_length keeps them")
