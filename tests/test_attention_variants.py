@@ -141,3 +141,43 @@ def test_float64_eager_scores_equal_plain_loop(tiny_tokenizer, one_thread):
     plain = score_plain(model, encoded)
     for metric in FLOAT_METRICS:
         assert ((fast[metric] - plain[metric]).abs() / plain[metric].abs().clip(lower=1e-6)).max() < 1e-6, metric
+
+
+RECURRENT = {  # models whose cache holds a recurrent state, alone or beside keys and values
+    "mamba": ("MambaConfig", dict(hidden_size=32, state_size=4, num_hidden_layers=2)),
+    "lfm2": ("Lfm2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=2, layer_types=["conv", "full_attention"])),
+}
+
+
+@pytest.mark.parametrize("name", list(RECURRENT))
+def test_models_with_a_recurrent_state_score_a_sequence_at_a_time(name, tiny_tokenizer, one_thread):
+    """Their cache cannot be copied per response: the scorer notices and runs each sequence alone,
+    exactly, and explain refuses them in one line instead of a traceback."""
+    import transformers
+
+    from learndyn.dynamics.explain import explain_step
+    from learndyn.errors import LearndynError
+
+    config_name, settings = RECURRENT[name]
+    config_class = getattr(transformers, config_name, None)
+    if config_class is None:
+        pytest.skip(f"this transformers has no {config_name}")
+    special = {k: getattr(tiny_tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config_class(vocab_size=len(tiny_tokenizer), **settings,
+                                                                      **special)).float().eval()
+    encoded = random_encoded(len(tiny_tokenizer), 8)
+    fast = score_encoded(model, encoded, batch_tokens=4096, progress=None)
+    plain = score_plain(model, encoded)
+    assert not split_model(model).shares_cache()
+    for metric in FLOAT_METRICS:
+        assert ((fast[metric] - plain[metric]).abs() / plain[metric].abs().clip(lower=1e-6)).max() < 1e-5, metric
+    with pytest.raises(LearndynError, match="recurrent state"):
+        explain_step(model, tiny_tokenizer, [], PROBES)
+
+
+def test_attention_models_share_the_prompt_cache(tiny_llama):
+    """The check that sends recurrent models down the slow route keeps attention models on the fast one."""
+    model, _ = tiny_llama
+    assert split_model(model).shares_cache()

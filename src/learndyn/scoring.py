@@ -7,8 +7,12 @@ gives exact results:
   3. the LM head (21% of the FLOPs of the built-in model) runs only where a response token is
      predicted (the last prompt position and along each response), a block of rows at a time
      fused with the statistics, so the (tokens, vocabulary) logits never exist all at once.
+Prompts are padded on the left, so that responses follow their prompt with no pad slot between
+(windowed attention counts cache slots), and the copied caches are never cropped to a window. A model
+whose cache cannot be copied per response (a recurrent state: Mamba, Jamba) is scored one sequence
+at a time instead (`ModelSplit.shares_cache`).
 `score_plain` is the obvious one-sequence-at-a-time computation; tests and `bench/` check that
-both agree (relative 1e-4 in fp32).
+both agree (relative 1e-5 in fp32).
 
 Per response (prompt masked, EOS appended), with π_l the next-token distribution at response
 position l and y_l the response token there:
@@ -155,8 +159,9 @@ def score_encoded(
     total = sum(len(e.responses) for e in encoded)
     with Progress(console=Console(stderr=True), transient=True, disable=progress is None) as bar, _eval_mode(model):
         task = bar.add_task(progress or "", total=total)
+        score = _score_batch if split_model(model).shares_cache() else _score_alone
         for batch in _prompt_batches(encoded, batch_tokens, pad=can_pad_prompts(model)):
-            for key, stats in _score_batch(model, [encoded[i] for i in batch], batch, batch_tokens, on_gpu):
+            for key, stats in score(model, [encoded[i] for i in batch], batch, batch_tokens, on_gpu):
                 results[key] = stats
                 bar.advance(task)
     rows = []
@@ -217,6 +222,25 @@ class ModelSplit:
         # recent transformers renamed `past_key_values` to `cache` and drop the old name in 5.40
         called = model.base_model if self.fused else model
         self.cache_name = "cache" if "cache" in inspect.signature(called.forward).parameters else "past_key_values"
+        self._shares_cache: bool | None = None
+
+    def shares_cache(self) -> bool:
+        """Whether responses may continue from a copy of their prompt's KV cache; checked once, on two
+        short prompts, against whole sequences. Models that keep a recurrent state beside or instead
+        of keys and values (Mamba, Jamba, LFM2) fail it, and are scored a sequence at a time."""
+        if self._shares_cache is None:
+            prompts = [EncodedPrompt("a", [1, 2, 3, 4], [("chosen", [5, 6, 7], False)]),
+                       EncodedPrompt("b", [4, 3, 2, 1], [("chosen", [7, 6], False), ("rejected", [5], False)])]
+            with torch.inference_mode(), _eval_mode(self.model):
+                alone = dict(_score_alone(self.model, prompts, [0, 1], 1024, False))
+                try:
+                    shared = dict(_score_batch(self.model, prompts, [0, 1], 1024, False))
+                except Exception:  # noqa: BLE001  the cache cannot be copied or continued: score sequences alone
+                    shared = {}
+            rtol = max(1e-4, 16 * torch.finfo(self.model.dtype).eps)
+            self._shares_cache = shared.keys() == alone.keys() and all(
+                abs(shared[k]["logp_sum"] - alone[k]["logp_sum"]) <= rtol * abs(alone[k]["logp_sum"]) for k in alone)
+        return self._shares_cache
 
     def body(self, cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         """Run the model; `cache` is a KV cache to continue from, and the returned one to continue."""
@@ -327,6 +351,21 @@ def _score_batch(model: Any, prompts: list[EncodedPrompt], index: list[int], bat
                                  chunk_rows=2048 if on_gpu else _STATS_CHUNK)
         for (b, j), row in zip(chunk, stats):
             yield (index[b], j), row
+
+
+def _score_alone(model: Any, prompts: list[EncodedPrompt], index: list[int], batch_tokens: int, on_gpu: bool):
+    """Each (prompt + response) in one forward pass of its own, without a cache: the route of models
+    whose cache cannot be shared (see `ModelSplit.shares_cache`)."""
+    split = split_model(model)
+    device = model.device
+    for b, p in enumerate(prompts):
+        for j, (_, ids, _) in enumerate(p.responses):
+            seq = torch.tensor([p.prompt_ids + ids[:-1]], device=device)  # the last response token is never fed
+            states, _ = split.body(input_ids=seq, use_cache=False)
+            states = states[0, len(p.prompt_ids) - 1:]  # (R, D): the positions that predict the response
+            n = torch.tensor([len(ids)], device=device)
+            token = _token_stats(states, torch.tensor(ids, device=device), split.head, 2048 if on_gpu else _STATS_CHUNK)
+            yield (index[b], j), _per_response(token, torch.zeros(len(ids), dtype=torch.long, device=device), n)[0]
 
 
 def _score_responses(split: ModelSplit, cache, last, prompt_mask, prompt_lengths, rows, chunk_rows: int):

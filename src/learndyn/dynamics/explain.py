@@ -51,7 +51,7 @@ from learndyn.dynamics.sequences import (
 from learndyn.dynamics.updates import OptimizerRule, plan_step
 from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe
-from learndyn.scoring import can_pad_prompts, context_length
+from learndyn.scoring import can_pad_prompts, context_length, split_model
 
 # Positions reduced at once. (128, V) float32 blocks (25 MB at V=49k) stay under glibc's largest mmap
 # threshold, so the temporaries are reused instead of faulted in afresh: on CPU 2x faster than 256 rows.
@@ -100,6 +100,10 @@ def explain_step(
     spec = get_loss(loss)
     limit = context_length(model)
     check_tokenizer(model, tokenizer)
+    if not split_model(model).shares_cache():
+        raise LearndynError(f"explain runs each probe's responses on its prompt's KV cache, and a "
+                            f"{model.config.model_type} model keeps a recurrent state that cannot be shared that way "
+                            "(score and train work on it; explain does not yet)")
     upd = encode_update(update, tokenizer, pairwise=spec.pairwise, max_length=limit)
     obs = probe_sequences(probes, tokenizer, types, limit)
     timings: dict[str, float] = {}
