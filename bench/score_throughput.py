@@ -92,7 +92,7 @@ class PhaseTimer:
 
     def __init__(self, model):
         self.model, self.prompt, self.response, self.stats, self.fed, self.real = model, 0.0, 0.0, 0.0, 0, 0
-        scoring.split_model(model)  # the one-time head check is not part of the timed work
+        scoring.split_model(model).shares_cache()  # the one-time checks are not part of the timed work
         self.body = model.base_model if scoring.split_model(model).fused else model
         self.cache_name = scoring.split_model(model).cache_name
 
@@ -100,9 +100,10 @@ class PhaseTimer:
         forward, stats = self.body.forward, scoring._token_stats
 
         def timed_forward(*args, **kwargs):
+            cache = kwargs.get(self.cache_name)  # the prompt pass starts from an empty cache
+            phase = "response" if cache is not None and cache.get_seq_length() > 0 else "prompt"
             start = time.perf_counter()
             out = forward(*args, **kwargs)
-            phase = "response" if kwargs.get(self.cache_name) is not None else "prompt"
             setattr(self, phase, getattr(self, phase) + time.perf_counter() - start)
             ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
             self.fed += ids.numel()
