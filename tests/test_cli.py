@@ -351,7 +351,9 @@ def test_explain_refuses_an_update_row_named_twice(tmp_path, tiny_folder):
     (("train", "sft", "--data", "example", "--limit", "0"), "--limit"),
     (("train", "dpo", "--data", "example", "--probe-limit", "-1"), "--probe-limit"),
     (("explain", "--update", "example", "--probe-limit", "0"), "--probe-limit"),
-], ids=["probes-build", "score", "train-sft", "train-dpo", "explain"])
+    (("score", "--batch-tokens", "0"), "--batch-tokens"),
+    (("explain", "--update", "example", "--chunk-tokens", "0"), "--chunk-tokens"),
+], ids=["probes-build", "score", "train-sft", "train-dpo", "explain", "score-batch", "explain-chunk"])
 def test_count_options_below_one_are_refused_naming_the_option(tmp_path, args, flag):
     probes = tmp_path / "probes.jsonl"
     probes.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello"}) + "\n", encoding="utf-8")

@@ -170,6 +170,7 @@ def score(
     check_max_length(max_length)
     check_writable(out_path.parent)
 
+    _positive(batch_tokens, "--batch-tokens")
     rows = read_probes(probes, limit=_positive(limit, "--limit"))
     lm, tok = load_model(model, device=device, dtype=dtype)
     scores = score_probes(lm, tok, rows, types=selected, max_length=max_length, batch_tokens=batch_tokens)
@@ -347,7 +348,7 @@ def explain(
         update=update, probes=probes, model=model, rows=_int_list(rows, "--rows"), loss=loss, optimizer=optimizer,
         lr=lr, beta=beta, ref_model=ref_model, on_policy=on_policy, types=_names(types),
         probe_limit=_positive(probe_limit, "--probe-limit"),
-        chunk_tokens=chunk_tokens, tokenizer=tokenizer, device=device, dtype=dtype)
+        chunk_tokens=_positive(chunk_tokens, "--chunk-tokens"), tokenizer=tokenizer, device=device, dtype=dtype)
     check_writable(out_dir)
     result = run_explain(settings, out_dir)
     print_explanation(result.summary)
@@ -456,7 +457,7 @@ def generate(
     if out_path.exists() and not overwrite:
         raise LearndynError(f"{out_path} exists; pass --overwrite to replace it")
     check_writable(out_path.parent)
-    rows = generate_file(run, data, out_path, settings, n=n, device=device, dtype=dtype)
+    rows = generate_file(run, data, out_path, settings, n=_positive(n, "--n"), device=device, dtype=dtype)
     m = text_measures(rows)
     ratios = ", ".join(f"{name} {'n/a' if m[key] is None else format(m[key], '.3f')}" for name, key in
                        (("distinct-1", "distinct_1"), ("distinct-2", "distinct_2"), ("repetition-3", "repetition_3")))
@@ -488,7 +489,8 @@ def judge(
     check_writable(out_path.parent)
     judge_ = make_judge(judge_spec, base_url=base_url, api_key_env=api_key_env, rate_limit=rate_limit,
                         workers=workers, batch_size=batch_size, tie_margin=tie_margin, device=device, dtype=dtype)
-    result = judge_files(a_file, b_file, judge_, out_path, max_pairs=max_pairs, overwrite=overwrite)
+    result = judge_files(a_file, b_file, judge_, out_path, max_pairs=_positive(max_pairs, "--max-pairs"),
+                         overwrite=overwrite)
     rate = win_rate(result.rows)
     out.print(f"{rate['pairs']} pairs judged by {judge_.spec} in both orders ({rate['pairs'] - result.reused} now, "
               f"{result.reused} reused) -> {out_path}", highlight=False)
@@ -531,7 +533,8 @@ def compare(
     from learndyn.experiments.compare import compare_settings, run_compare
 
     settings = compare_settings(quick, data=data, eval_data=eval_data, out=str(out_dir), model=model,
-                                judge=judge_spec, on_policy=on_policy, examples=examples, eval_n=eval_n,
+                                judge=judge_spec, on_policy=on_policy, examples=_positive(examples, "--examples"),
+                                eval_n=_positive(eval_n, "--eval-n"),
                                 sft_epochs=sft_epochs, dpo_epochs=dpo_epochs, sft_lr=sft_lr, dpo_lr=dpo_lr, beta=beta,
                                 max_new_tokens=max_new_tokens, max_length=max_length, seed=seed,
                                 device=device)
