@@ -94,6 +94,11 @@ def test_resume_reuses_finished_parts_and_redoes_what_a_changed_setting_touches(
     dpo_texts = [row["response"] for row in read_responses(tmp_path / "cmp" / "responses" / "extended-dpo.jsonl")]
     assert [v["response_a"] for v in dpo_rows] == dpo_texts  # judged again on the new answers
 
+    generated.clear()
+    fewer = run_compare(replace(settings, dpo_lr=1e-2, eval_n=2), resume=True)  # other held-out prompts
+    assert len(generated) == 4 and fewer["held_out_prompts"] == 2  # no answer to the old prompts is reused
+    assert all(len(read_verdicts(r["verdicts"])) == 2 for r in fewer["win_rates"])
+
 
 def test_resume_retrains_a_finished_run_whose_data_file_changed(tiny_folder, tmp_path):
     import learndyn.data

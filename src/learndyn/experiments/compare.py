@@ -227,9 +227,11 @@ def _evaluate(checkpoints: list[Checkpoint], held_out: list, settings: CompareSe
     for ckpt in checkpoints:
         path = Path(settings.out) / "responses" / f"{ckpt.stem}.jsonl"
         model, tokenizer = load_model(resolve_model(ckpt.run), device=settings.device)
-        if resume and path.is_file() and ckpt.name not in retrained:
-            rows = read_responses(path)
-        else:
+        rows = read_responses(path) if resume and path.is_file() and ckpt.name not in retrained else None
+        if rows is not None and [(r["example_id"], r["prompt"]) for r in rows] != [(p.example_id, p.prompt) for p in held_out]:
+            console.print(f"  the held-out prompts changed since {path} was written: answering again")
+            rows = None
+        if rows is None:
             rows = generate_responses(model, tokenizer, held_out, decoding, model_name=str(ckpt.run),
                                       progress=f"Answering with {ckpt.name}")
             write_responses(rows, path)
