@@ -457,7 +457,7 @@ def generate(
     if out_path.exists() and not overwrite:
         raise LearndynError(f"{out_path} exists; pass --overwrite to replace it")
     check_writable(out_path.parent)
-    rows = generate_file(run, data, out_path, settings, n=_positive(n, "--n"), device=device, dtype=dtype)
+    rows = generate_file(run, data, out_path, settings, n=n, device=device, dtype=dtype)
     m = text_measures(rows)
     ratios = ", ".join(f"{name} {'n/a' if m[key] is None else format(m[key], '.3f')}" for name, key in
                        (("distinct-1", "distinct_1"), ("distinct-2", "distinct_2"), ("repetition-3", "repetition_3")))
