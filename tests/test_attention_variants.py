@@ -50,21 +50,26 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(params=list(FAMILIES))
-def family(request, tiny_tokenizer, one_thread):
-    """(name, model, tokenizer): a tiny random float32 model of the family, in eval mode."""
+def tiny_model(config_name: str, settings: dict, tokenizer):
+    """A tiny random float32 model of transformers' `config_name`, in eval mode (skips if it has none)."""
     import transformers
 
-    name = request.param
-    config_name, settings = FAMILIES[name]
     config_class = getattr(transformers, config_name, None)
     if config_class is None:
         pytest.skip(f"this transformers has no {config_name}")
-    small = {} if name in ("gpt2", "gpt_neo") else _SMALL
-    special = {k: getattr(tiny_tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    config = config_class(vocab_size=len(tiny_tokenizer), **{**small, **settings}, **special)
+    special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+    config = config_class(vocab_size=len(tokenizer), **settings, **special)
+    return transformers.AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request, tiny_tokenizer, one_thread):
+    """(name, model, tokenizer): a tiny random model of the family."""
+    name = request.param
+    config_name, settings = FAMILIES[name]
+    small = {} if name in ("gpt2", "gpt_neo") else _SMALL
+    model = tiny_model(config_name, {**small, **settings}, tiny_tokenizer)
     with torch.no_grad():  # logits large enough that soft-capping and scaling are far from the identity
         model.get_output_embeddings().weight.mul_(20)
     return name, model, tiny_tokenizer
@@ -154,19 +159,10 @@ RECURRENT = {  # models whose cache holds a recurrent state, alone or beside key
 def test_models_with_a_recurrent_state_score_a_sequence_at_a_time(name, tiny_tokenizer, one_thread):
     """Their cache cannot be copied per response: the scorer notices and runs each sequence alone,
     exactly, and explain refuses them in one line instead of a traceback."""
-    import transformers
-
     from learndyn.dynamics.explain import explain_step
     from learndyn.errors import LearndynError
 
-    config_name, settings = RECURRENT[name]
-    config_class = getattr(transformers, config_name, None)
-    if config_class is None:
-        pytest.skip(f"this transformers has no {config_name}")
-    special = {k: getattr(tiny_tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config_class(vocab_size=len(tiny_tokenizer), **settings,
-                                                                      **special)).float().eval()
+    model = tiny_model(*RECURRENT[name], tiny_tokenizer)
     encoded = random_encoded(len(tiny_tokenizer), 8)
     fast = score_encoded(model, encoded, batch_tokens=4096, progress=None)
     plain = score_plain(model, encoded)
