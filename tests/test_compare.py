@@ -144,7 +144,9 @@ def test_on_policy_arm_continues_the_baseline_sft_model_and_is_judged_against_of
     assert [(r["a"], r["b"]) for r in summary["win_rates"]][-2:] == list(ON_POLICY_PAIRS)
     assert summary["intrinsic"]["baseline/dpo-on-policy"]["n_responses"] == 3
     on_policy = [s for s in summary["signatures"] if s["name"] == "on_policy_squeezes_less"]
-    assert len(on_policy) == 1 and on_policy[0]["held"] in (True, False)
+    assert len(on_policy) == 1 and on_policy[0]["verdict"] != "not applicable"  # it found both arms' DPO changes
+    assert [e["quantity"] for e in on_policy[0]["estimates"]] == ["chosen argmax_logp change, on - off",
+                                                                  "chosen change, on - off"]
     assert "baseline, on-policy DPO" in Path(summary["report"]).read_text(encoding="utf-8")
 
 

@@ -43,17 +43,16 @@ def make_run(path: Path, phase: str, curves: dict[str, list[float]], *, epochs: 
     return path
 
 
-def paper_like(tmp_path: Path, name: str = "base", extend: bool = False, dpo_shift: float = 0.0) -> tuple[Path, Path]:
+def paper_like(tmp_path: Path, name: str = "base", extend: bool = False,
+               dpo: dict[str, list[float]] | None = None) -> tuple[Path, Path]:
     """An SFT run and a DPO run from it that show every behaviour the paper reports."""
     sft = make_run(tmp_path / f"{name}-sft", "sft", {
         "chosen": [-50, -40, -30], "rejected": [-60, -58, -55], "other_train": [-70, -65, -62],
         "shuffled_chosen": [-90, -95, -99], "shuffled_other": [-95, -97, -100], "greedy": [-10, -12, -14],
     }, epochs=2.0, extend=extend)
-    dpo = make_run(tmp_path / f"{name}-dpo", "dpo", {
-        "chosen": [-30 + dpo_shift, -28 + dpo_shift, -35 + dpo_shift],
-        "rejected": [-55 + dpo_shift, -70 + dpo_shift, -90 + dpo_shift],
-    }, argmax=[-8, -6, -3], **{"from": str(sft)})
-    return sft, dpo
+    curves = dpo or {"chosen": [-30, -28, -35], "rejected": [-55, -70, -90]}
+    dpo_run = make_run(tmp_path / f"{name}-dpo", "dpo", curves, argmax=[-8, -6, -3], **{"from": str(sft)})
+    return sft, dpo_run
 
 
 def held(signatures: list[dict], name: str):
@@ -62,14 +61,18 @@ def held(signatures: list[dict], name: str):
     return found[0]
 
 
+# The statistics of the signatures are tested in test_signatures.py on in-memory arms; here they are
+# read from run folders (two examples each, so every interval is a point and verdicts are sure).
 def test_signatures_hold_on_paper_like_runs(tmp_path):
     sigs = evaluate_signatures(list(paper_like(tmp_path)))
     for name in ("sft_raises_chosen", "sft_raises_other_train", "sft_lowers_shuffled", "dpo_lowers_rejected",
-                 "dpo_chosen_ends_below_peak", "dpo_squeezing"):
+                 "dpo_chosen_rises_then_falls", "dpo_squeezing"):
         assert held(sigs, f"{name} [baseline]") is True, name
-    assert held(sigs, "extended_keeps_chosen_and_rejected_higher") is None  # one arm only
-    numbers = next(s["numbers"] for s in sigs if s["name"] == "sft_raises_chosen [baseline]")
-    assert numbers == {"start": -50.0, "end": -30.0, "change": 20.0}
+    assert held(sigs, "extended_dpo_lowers_less") is None  # one arm only
+    result = next(s for s in sigs if s["name"] == "sft_raises_chosen [baseline]")
+    assert result["numbers"] == {"chosen change": 20.0}
+    assert result["estimates"][0] | {"verdict": "held"} == {"quantity": "chosen change", "claim": "> 0", "effect": 20.0,
+                                                           "low": 20.0, "high": 20.0, "level": 0.95, "verdict": "held"}
 
 
 def test_signatures_fail_on_contrary_runs(tmp_path):
@@ -81,7 +84,7 @@ def test_signatures_fail_on_contrary_runs(tmp_path):
                    argmax=[-3, -6, -8], **{"from": str(sft)})
     sigs = evaluate_signatures([sft, dpo])
     for name in ("sft_raises_chosen", "sft_raises_other_train", "sft_lowers_shuffled", "dpo_lowers_rejected",
-                 "dpo_chosen_ends_below_peak", "dpo_squeezing"):
+                 "dpo_chosen_rises_then_falls", "dpo_squeezing"):
         assert held(sigs, f"{name} [baseline]") is False, name
 
 
@@ -89,7 +92,7 @@ def test_dpo_lowers_rejected_needs_a_bigger_fall_than_chosen(tmp_path):
     dpo = make_run(tmp_path / "dpo", "dpo", {"chosen": [-30, -40, -50], "rejected": [-60, -62, -65]})
     sigs = evaluate_signatures([dpo])
     assert held(sigs, "dpo_lowers_rejected [baseline]") is False  # rejected fell 5, chosen fell 20
-    assert held(sigs, "dpo_chosen_ends_below_peak [baseline]") is True  # the start was the peak
+    assert held(sigs, "dpo_chosen_rises_then_falls [baseline]") is False  # it only fell
 
 
 def test_missing_phase_or_type_is_not_applicable(tmp_path):
@@ -98,17 +101,22 @@ def test_missing_phase_or_type_is_not_applicable(tmp_path):
     assert held(sigs, "sft_raises_chosen [baseline]") is True
     assert held(sigs, "sft_lowers_shuffled [baseline]") is True  # the one shuffled type present decides
     assert held(sigs, "sft_raises_other_train [baseline]") is None
-    for name in ("dpo_lowers_rejected", "dpo_chosen_ends_below_peak", "dpo_squeezing"):
+    for name in ("dpo_lowers_rejected", "dpo_chosen_rises_then_falls", "dpo_squeezing", "dpo_lowers_most_others"):
         assert held(sigs, f"{name} [baseline]") is None
-    assert all(s["numbers"] == {} and "not applicable" in s["description"] for s in sigs if s["held"] is None)
+    assert all(s["numbers"] == {} and s["verdict"] == "not applicable" and "not applicable" in s["description"]
+               for s in sigs if s["held"] is None)
 
 
-@pytest.mark.parametrize("dpo_shift, expected", [(5.0, True), (-5.0, False)])
-def test_extended_keeps_chosen_and_rejected_higher(tmp_path, dpo_shift, expected):
+GENTLE_DPO = {"chosen": [-30, -29, -31], "rejected": [-55, -60, -65]}  # falls less than paper_like's DPO
+
+
+@pytest.mark.parametrize("dpo, expected", [(GENTLE_DPO, True), ({"chosen": [-30, -40, -50],
+                                                                  "rejected": [-55, -80, -95]}, False)])
+def test_extended_is_compared_on_its_dpo_changes(tmp_path, dpo, expected):
     base = paper_like(tmp_path, "base")
-    ext = paper_like(tmp_path, "ext", extend=True, dpo_shift=dpo_shift)
+    ext = paper_like(tmp_path, "ext", extend=True, dpo=dpo)
     sigs = evaluate_signatures([*ext, *base])  # given order does not matter
-    assert held(sigs, "extended_keeps_chosen_and_rejected_higher") is expected
+    assert held(sigs, "extended_dpo_lowers_less") is expected
     assert held(sigs, "sft_raises_chosen [extended]") is True
 
 
@@ -170,20 +178,21 @@ def test_two_arms_of_one_kind_are_named_by_folder(tmp_path):
 
 
 def test_report_is_self_contained(tmp_path):
-    runs = [*paper_like(tmp_path, "base"), *paper_like(tmp_path, "ext", extend=True, dpo_shift=5.0)]
+    runs = [*paper_like(tmp_path, "base"), *paper_like(tmp_path, "ext", extend=True, dpo=GENTLE_DPO)]
     path = build_report(runs)
     out = runs[-1]
     assert path == out / "report.html"
     page = path.read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == 2
-    assert "✓" in page and "sft_raises_chosen [extended]" in page
+    assert "✓ held" in page and "sft_raises_chosen [extended]" in page
+    assert "chosen change = 20 [20, 20] (&gt; 0)" in page  # effect [interval] (claim)
     assert "learning_rate" in page and "sigmoid" in page  # the settings table
     for png in (out / "figures").glob("*.png"):
         assert png.read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["logp_change.png", "logp_sum.png"]
     stored = json.loads((out / "signatures.json").read_text(encoding="utf-8"))
-    assert [(s["name"], s["held"]) for s in stored] == [(s["name"], s["held"]) for s in evaluate_signatures(runs)]
-    assert held(stored, "extended_keeps_chosen_and_rejected_higher") is True
+    assert stored == evaluate_signatures(runs)
+    assert held(stored, "extended_dpo_lowers_less") is True
 
 
 def test_report_goes_to_out(tmp_path):
@@ -229,7 +238,8 @@ def test_on_policy_arm_is_labelled_and_compared_with_the_off_policy_arm(tmp_path
     signatures = evaluate_signatures([off, on])
     assert held(signatures, "on_policy_squeezes_less") is expected
     numbers = next(s["numbers"] for s in signatures if s["name"] == "on_policy_squeezes_less")
-    assert numbers["argmax_change_off"] == pytest.approx(5.0) and numbers["chosen_change_off"] == pytest.approx(-5.0)
+    assert numbers["chosen argmax_logp change, on - off"] == pytest.approx(argmax[-1] - argmax[0] - 5.0)
+    assert numbers["chosen change, on - off"] == pytest.approx(chosen[-1] - chosen[0] + 5.0)
 
 
 def test_on_policy_signature_only_with_an_on_policy_arm(tmp_path):
@@ -241,10 +251,10 @@ def test_on_policy_signature_only_with_an_on_policy_arm(tmp_path):
 
 
 def test_extended_comparison_ignores_the_on_policy_arm(tmp_path):
-    sft, off = paper_like(tmp_path, "base", dpo_shift=0.0)
+    sft, off = paper_like(tmp_path, "base")
     on = on_policy_arm(tmp_path, sft, [-8, -7, -6], [100, 100, 100])  # far above anything: must not be picked
-    ext = paper_like(tmp_path, "ext", extend=True, dpo_shift=1.0)[1]
-    assert held(evaluate_signatures([on, off, ext]), "extended_keeps_chosen_and_rejected_higher") is True
+    ext = paper_like(tmp_path, "ext", extend=True, dpo=GENTLE_DPO)[1]  # falls less than `off`, more than `on`
+    assert held(evaluate_signatures([on, off, ext]), "extended_dpo_lowers_less") is True
 
 
 def test_extra_sections_go_into_the_page_before_the_signatures(tmp_path):

@@ -291,14 +291,18 @@ def report(
 
 
 def print_signatures(signatures: list[dict]) -> None:
-    """The paper's observations: did each hold in these runs, with the numbers behind it."""
+    """The paper's observations: held, not held or inconclusive in these runs, with effects and 95% intervals."""
     from rich.table import Table
 
-    view = Table("observation", "arm", "held", "numbers", title="Signatures of the paper's observations")
-    marks = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "n/a"}
+    from learndyn.report.page import estimate_text
+
+    view = Table("observation", "arm", "verdict", "effect [interval] (claim)",
+                 title="Signatures of the paper's observations (paired bootstrap over probe examples)")
+    marks = {"held": "[green]held[/green]", "not held": "[red]not held[/red]", "inconclusive": "[yellow]inconclusive[/yellow]",
+             "not applicable": "n/a"}
     for sig in signatures:
-        numbers = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in sig["numbers"].items())
-        view.add_row(sig["name"].split(" [")[0], sig.get("arm") or "both", marks[sig["held"]], numbers)
+        numbers = "\n".join(estimate_text(e) for e in sig["estimates"])
+        view.add_row(sig["name"].split(" [")[0], sig.get("arm") or "both", marks[sig["verdict"]], numbers)
     out.print(view)
 
 

@@ -35,6 +35,21 @@ class Segment:
     config: dict[str, Any]
     frame: pd.DataFrame  # this run's metrics rows of this phase
     offset: float = 0.0
+    _tables: dict[str, pd.Series] = field(default_factory=dict, repr=False, compare=False)
+
+    def per_example(self, response_type: str, metric: str = "logp_sum") -> pd.DataFrame | None:
+        """Examples x steps of one type's metric, examples scored at every step only (None if absent).
+
+        The signatures ask for many types of one segment, so each metric is grouped once and kept."""
+        if metric not in self.frame:
+            return None
+        if metric not in self._tables:
+            self._tables[metric] = self.frame.groupby(["response_type", "example_id", "step"])[metric].mean()
+        grouped = self._tables[metric]
+        if response_type not in grouped.index.get_level_values(0):
+            return None
+        table = grouped.xs(response_type, level="response_type").unstack("step").sort_index(axis=1).dropna()
+        return None if table.empty else table
 
     def curve(self, response_type: str, metric: str = "logp_sum") -> pd.DataFrame:
         """Mean of `metric` over examples per step: columns step, epoch, x, value (empty if absent)."""

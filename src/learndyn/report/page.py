@@ -14,7 +14,8 @@ from learndyn.vocab import RESPONSE_TYPES
 
 # Settings a reader checks first, in this order; every other config key follows.
 MAIN_SETTINGS = ("phase", "model", "from", "learning_rate", "epochs", "loss", "beta", "extend")
-MARKS = {True: "✓", False: "✗", None: "–"}
+MARKS = {"held": ("✓ held", "mark held"), "not held": ("✗ not held", "mark failed"),
+         "inconclusive": ("? inconclusive", "mark na"), "not applicable": ("– n/a", "mark na")}
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
@@ -74,11 +75,16 @@ def _arms(arms: list[Arm]) -> str:
 def _signatures(signatures: list[dict[str, Any]]) -> str:
     rows = []
     for sig in signatures:
-        held = sig["held"]
-        cls = {True: "mark held", False: "mark failed", None: "mark na"}[held]
-        numbers = ", ".join(f"{k} = {_fmt(v)}" for k, v in sig["numbers"].items())
-        rows.append([_td(sig["name"]), _td(MARKS[held], cls), _td(numbers), _td(sig["description"])])
-    return _table(["signature", "held", "numbers", "what the paper predicts"], rows)
+        mark, cls = MARKS[sig["verdict"]]
+        rows.append([_td(sig["name"]), _td(mark, cls), _td("; ".join(estimate_text(e) for e in sig["estimates"])),
+                     _td(sig["description"])])
+    return _table(["signature", "verdict", "effect [interval], claim", "what the paper predicts"], rows)
+
+
+def estimate_text(e: dict[str, Any]) -> str:
+    """'quantity = effect [low, high] (claim)': the interval at its level when that is not 95%."""
+    level = "" if abs(e["level"] - 0.95) < 1e-9 else f" at {e['level']:.1%}"
+    return f"{e['quantity']} = {_fmt(e['effect'])} [{_fmt(e['low'])}, {_fmt(e['high'])}{level}] ({e['claim']})"
 
 
 def _settings(arms: list[Arm]) -> str:
