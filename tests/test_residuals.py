@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from learndyn.dynamics.residuals import LOSSES, loss_value, residual, sequence_logps, token_residual
+from learndyn.dynamics.residuals import LOSSES, loss_value, residual, sequence_logps
 from learndyn.errors import LearndynError
 
 
@@ -44,11 +44,33 @@ def test_pairwise_residual_pulls_chosen_up_and_pushes_rejected_down():
     assert (at_label[seq < n_seq // 2] < 0).all() and (at_label[seq >= n_seq // 2] > 0).all()
 
 
-def test_sft_residual_rows_sum_to_zero_and_are_scaled_by_token_count():
-    logits, labels, seq, n_seq = _batch()
-    g = residual("sft", logits, labels, seq, n_seq)
-    torch.testing.assert_close(g.sum(-1), torch.zeros(len(labels), dtype=g.dtype), atol=1e-12, rtol=0)
-    torch.testing.assert_close(g * len(labels), token_residual(logits, labels))
+def _reference_losses(logits, labels, seq, n_seq, beta, ref):
+    """The losses as TRL's DPOTrainer writes them (loss_type sigmoid, ipo, hinge), one pair at a time
+    in plain Python, and the SFT loss as the mean token negative log-likelihood."""
+    logp = torch.log_softmax(logits, -1)[torch.arange(len(labels)), labels]
+    per_seq = [logp[seq == s].sum() for s in range(n_seq)]
+    length = [int((seq == s).sum()) for s in range(n_seq)]
+    p = n_seq // 2
+    out = {"sft": logp.mean().neg()}
+    sig, ipo, hinge = [], [], []
+    for i in range(p):
+        c, r = per_seq[i] - ref[i], per_seq[p + i] - ref[p + i]
+        sig.append(-torch.nn.functional.logsigmoid(beta * (c - r)))
+        hinge.append(torch.relu(1 - beta * (c - r)))
+        ipo.append((c / length[i] - r / length[p + i] - 1 / (2 * beta)) ** 2)
+    out |= {"dpo": torch.stack(sig).mean(), "ipo": torch.stack(ipo).mean(), "hinge": torch.stack(hinge).mean()}
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_losses_are_the_ones_trl_trains(seed):
+    logits, labels, seq, n_seq = _batch(seed=seed)
+    ref = torch.randn(n_seq, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) * 3
+    expected = _reference_losses(logits, labels, seq, n_seq, 0.5, ref)
+    assert set(expected) == set(LOSSES)
+    for name, value in expected.items():
+        torch.testing.assert_close(loss_value(name, logits, labels, seq, n_seq, beta=0.5, ref_logps=ref), value,
+                                   rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_unknown_loss_lists_valid_names():

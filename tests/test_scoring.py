@@ -226,9 +226,17 @@ def test_written_files_follow_the_umask_not_mkstemps_0600(tiny_llama, tmp_path):
 
 def test_a_model_in_training_mode_is_scored_in_eval_mode_and_left_training(tiny_llama):
     model, tokenizer = tiny_llama
-    model.config.dropout = 0.0
+    attention = [m for m in model.modules() if hasattr(m, "attention_dropout")]
+    assert attention
+    for module in attention:
+        module.attention_dropout = 0.5  # what Llama reads in training mode: scoring there would be random
     probes = [Probe("a", "prompt", {"chosen": "an answer", "rejected": "no"})]
     expected = score_probes(model, tokenizer, probes, progress=None)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is live in training mode
+    model.eval()
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()  # as TRL trainers do: in training mode it turns the KV cache off
     model.train()
