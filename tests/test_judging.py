@@ -313,10 +313,25 @@ def test_chat_prompts_pair_up_and_bad_rows_name_the_line(tmp_path):
 # ---------------------------------------------------------------- win rates
 
 
-def test_win_rate_all_wins_is_one_with_a_degenerate_interval():
+def test_win_rate_all_wins_is_one_but_its_interval_is_not_a_point():
     rate = win_rate(["A"] * 20)
-    assert (rate["win_rate"], rate["ci_low"], rate["ci_high"]) == (1.0, 1.0, 1.0)
-    assert win_rate(["B"] * 5)["win_rate"] == 0.0 and win_rate(["tie"] * 5)["ci_high"] == 0.5
+    assert rate["win_rate"] == 1.0 and rate["ci_high"] == 1.0
+    assert rate["ci_low"] == pytest.approx(20 / (20 + 1.959964**2))  # Wilson's lower bound at p = 1: n / (n + z²)
+    assert (rate["boot_low"], rate["boot_high"]) == (1.0, 1.0)  # the bootstrap collapses; the reported interval does not
+    none = win_rate(["B"] * 5)
+    assert none["win_rate"] == 0.0 and none["ci_low"] == 0.0 and none["ci_high"] == pytest.approx(1 - 5 / (5 + 1.959964**2))
+
+
+def test_wilson_interval_covers_the_true_rate_as_promised():
+    """Coverage over 2000 simulated judges of true win rate 0.8 with 20 pairs each: about 95%."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    covered = 0
+    for wins in rng.binomial(20, 0.8, size=2000):
+        rate = win_rate(["A"] * int(wins) + ["B"] * (20 - int(wins)))
+        covered += rate["ci_low"] <= 0.8 <= rate["ci_high"]
+    assert 0.93 <= covered / 2000 <= 0.99
 
 
 def test_win_rate_balanced_is_a_half_with_an_interval_around_it():
@@ -331,7 +346,7 @@ def test_win_rate_counts_ties_half_and_leaves_unparsed_out():
     assert rate["win_rate"] == pytest.approx(2.5 / 4)
     empty = win_rate(["unparsed"])
     assert empty["win_rate"] is None and empty["ci_low"] is None
-    assert rate_text(empty) == "n/a" and rate_text(win_rate(["A"] * 3)) == "1.000 [1.000, 1.000]"
+    assert rate_text(empty) == "n/a" and rate_text(win_rate(["A"] * 3)) == "1.000 [0.439, 1.000]"
     with pytest.raises(LearndynError, match="unknown verdict 'C'"):
         win_rate(["C"])
 
@@ -415,7 +430,7 @@ def test_cli_judge_prints_counts_and_win_rate(serve, files, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "4 pairs judged by openai:judge-model in both orders (4 now, 0 reused)" in result.stdout
     assert "A wins 3, B wins 0, ties 1, unparsed 0" in result.stdout
-    assert "win rate of A: 0.875, 95% bootstrap interval [" in result.stdout
+    assert "win rate of A: 0.875, 95% Wilson interval [0.396, 0.987]" in result.stdout
     assert len(read_verdicts(out)) == 4 and KEY not in out.read_text() + result.stdout + result.stderr
     again = learndyn(*args, OPENAI_API_KEY=KEY)
     assert "(0 now, 4 reused)" in again.stdout and len(server.requests) == 8

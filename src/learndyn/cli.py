@@ -503,7 +503,7 @@ def judge(
     if rate["win_rate"] is None:
         out.print("  win rate of A: n/a (no parsed verdict)")
     else:
-        out.print(f"  win rate of A: {rate['win_rate']:.3f}, 95% bootstrap interval [{rate['ci_low']:.3f}, "
+        out.print(f"  win rate of A: {rate['win_rate']:.3f}, 95% Wilson interval [{rate['ci_low']:.3f}, "
                   f"{rate['ci_high']:.3f}] (ties count half; unparsed left out)", highlight=False)
 
 

@@ -1,16 +1,22 @@
-"""Win rates of pairwise verdicts, with a bootstrap interval over pairs.
+"""Win rates of pairwise verdicts, with a Wilson interval and a bootstrap interval over pairs.
 
 The win rate of A is (wins + ½·ties) / (wins + losses + ties): a tie is half a win for each side, so
 two equally good files score 0.5 whether the judge calls their pairs ties or splits them. Unparsed
-pairs are left out of the rate (and counted), since nothing is known about them. The interval is the
-percentile bootstrap over pairs: resampling pairs with replacement is drawing multinomial counts of
-wins, ties and losses with the observed frequencies, which is what is done (cheap for any number of
-pairs), from a seeded generator so that a report is reproducible.
+pairs are left out of the rate (and counted), since nothing is known about them.
+
+`ci_low`/`ci_high` is the Wilson score interval of that rate over the n judged pairs. Unlike the
+percentile bootstrap, it does not collapse to a point when every pair went one way (20 wins of 20
+give [0.839, 1], not [1, 1]: twenty pairs cannot prove a rate of exactly 1); with ties it is a little
+wider than it needs to be, which errs on the safe side. `boot_low`/`boot_high` is the percentile
+bootstrap over pairs (drawing multinomial counts of wins, ties and losses with the observed
+frequencies, from a seeded generator so that a report is reproducible), kept beside it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+from statistics import NormalDist
 from typing import Any
 
 from learndyn.errors import LearndynError
@@ -49,7 +55,7 @@ def win_rate(
     result: dict[str, Any] = {
         "pairs": judged + counts["unparsed"], "wins": wins, "losses": losses, "ties": ties,
         "unparsed": counts["unparsed"], "inconsistent": inconsistent,
-        "win_rate": None, "ci_low": None, "ci_high": None,
+        "win_rate": None, "ci_low": None, "ci_high": None, "boot_low": None, "boot_high": None,
         "confidence": confidence, "n_resamples": n_resamples, "seed": seed,
     }
     if judged:
@@ -61,8 +67,17 @@ def win_rate(
         rates = (draws[:, 0] + 0.5 * draws[:, 2]) / judged  # (R,)
         tail = (1 - confidence) / 2 * 100
         low, high = np.percentile(rates, [tail, 100 - tail])
-        result["ci_low"], result["ci_high"] = float(low), float(high)
+        result["boot_low"], result["boot_high"] = float(low), float(high)
+        result["ci_low"], result["ci_high"] = wilson(result["win_rate"], judged, confidence)
     return result
+
+
+def wilson(rate: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion `rate` observed over `n` trials."""
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def rate_text(rate: Mapping[str, Any]) -> str:

@@ -22,7 +22,7 @@ MEASURES = (("mean_words", "words"), ("mean_tokens", "tokens"), ("distinct_1", "
 
 
 def win_rate_figure(win_rates: list[dict[str, Any]]) -> bytes:
-    """Each pair's win rate of A with its bootstrap interval, against the 0.5 of equal quality."""
+    """Each pair's win rate of A with its Wilson interval, against the 0.5 of equal quality."""
     rows = [r for r in win_rates if r["win_rate"] is not None]
     fig = Figure(figsize=(7.5, 0.55 * max(len(rows), 1) + 1.3), layout="constrained")
     ax = fig.subplots()
@@ -33,7 +33,7 @@ def win_rate_figure(win_rates: list[dict[str, Any]]) -> bytes:
     ax.set_yticks(range(len(rows)), [plain(f"{r['a']} vs {r['b']}") for r in rows])
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel("win rate of the first (ties count half), 95% bootstrap interval")
+    ax.set_xlabel("win rate of the first (ties count half), 95% Wilson interval")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     return buf.getvalue()
