@@ -91,7 +91,8 @@ def test_kernel_is_the_same_for_every_optimizer(model64):
     model, tok = model64
     sgd = explain_step(model, tok, UPDATE, PROBES, loss="dpo", rule=OptimizerRule("sgd", 1e-3)).changes
     adam = explain_step(model, tok, UPDATE, PROBES, loss="dpo", rule=OptimizerRule("adam", 1e-3)).changes
-    torch.testing.assert_close(torch.tensor(adam["kernel"].values), torch.tensor(sgd["kernel"].values), rtol=1e-7, atol=1e-9)
+    # (Llama's eager attention takes its softmax in float32: two exact routes differ by up to ~1e-6 relative)
+    torch.testing.assert_close(torch.tensor(adam["kernel"].values), torch.tensor(sgd["kernel"].values), rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(torch.tensor((sgd["kernel"] * 1e-3).values), torch.tensor(sgd["predicted"].values))
 
 

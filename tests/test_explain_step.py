@@ -67,3 +67,38 @@ def test_delta_is_the_step_torch_takes(tiny_gpt2, loss, max_norm):
     for name, param in model.named_parameters():
         torch.testing.assert_close(explained.delta[name], param.detach() - before[name],
                                    rtol=1e-6, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_one_step_of_our_own_dpo_run_is_explained(tiny_folder, tmp_path, loss):
+    """`train dpo` takes one TRL step (AdamW, the Trainer's gradient clipping at 1.0); explain, given
+    the same batch, loss and rule, lands on the same parameters: its "actual" change of every probe
+    equals the change the run's metrics recorded, and the first-order prediction is close to it."""
+    import pandas as pd
+
+    from learndyn.data import load_preferences
+    from learndyn.models import load_model
+    from learndyn.probes.build import build_probes
+    from learndyn.probes.files import write_probes
+    from learndyn.training.recipes import TrainSettings, train
+    from learndyn.training.runs import read_metrics
+
+    probes = build_probes(load_preferences("example", limit=2))
+    write_probes(probes, tmp_path / "p.jsonl")
+    lr = 1e-4
+    run = train(TrainSettings(phase="dpo", data="example", probes=str(tmp_path / "p.jsonl"), out=str(tmp_path / "dpo"),
+                              model=str(tiny_folder), loss=loss, beta=0.1, learning_rate=lr, limit=4, batch_size=4,
+                              epochs=1, every=1, max_length=512, save_model=False))
+    metrics = read_metrics(run).pivot_table(index=["example_id", "response_type"], columns="step", values="logp_sum")
+    recorded = (metrics[1] - metrics[0]).rename("recorded")
+
+    model, tokenizer = load_model(str(tiny_folder))
+    rule = OptimizerRule("adamw", lr=lr, weight_decay=0.0, max_grad_norm=1.0)  # the Trainer's defaults
+    explained = explain_step(model, tokenizer, load_preferences("example", limit=4), probes,
+                             loss={"sigmoid": "dpo"}.get(loss, loss), beta=0.1, rule=rule).changes
+    both = explained.set_index(["example_id", "response_type"]).join(recorded, how="inner")
+    assert len(both) == len(recorded) > 10
+    scale = both["recorded"].abs().max()
+    assert (both["actual"] - both["recorded"]).abs().max() < 5e-3 * scale  # the same step (fp32 sums of ~1000 nats)
+    assert (both["predicted"] - both["recorded"]).abs().max() < 0.05 * scale  # first order
+    assert isinstance(both, pd.DataFrame)

@@ -32,26 +32,64 @@ class Sequences:
 
 
 def encode_update(update: Sequence[Preference], tokenizer: Any, *, pairwise: bool, max_length: int | None) -> Sequences:
-    """Chosen responses (then, for pairwise losses, the rejected ones in the same order)."""
+    """Chosen responses (then, for pairwise losses, the rejected ones in the same order), tokenized as
+    TRL tokenizes the rows `train` gives it (see `trained_tokens`), so a step explained is the step taken."""
     if not update:
         raise LearndynError("the update batch is empty")
-    seqs = Sequences([], [], [])
     sides = ("chosen", "rejected") if pairwise else ("chosen",)
-    for side in sides:
+    encoded = {}
+    for pref in update:
+        texts = [pref.chosen if side == "chosen" else pref.rejected for side in sides]
+        if None in texts:
+            raise LearndynError(f"update example '{pref.example_id}' has no rejected response; "
+                                "the loss needs one (use --loss sft, or data with rejected)")
+        encoded[pref.example_id] = trained_tokens(pref.prompt, texts, tokenizer)
+    seqs = Sequences([], [], [])
+    for k, side in enumerate(sides):
         for pref in update:
-            text = pref.chosen if side == "chosen" else pref.rejected
-            if text is None:
-                raise LearndynError(f"update example '{pref.example_id}' has no rejected response; "
-                                    "the loss needs one (use --loss sft, or data with rejected)")
-            prompt = tokenizer(render_prompt(pref.prompt, tokenizer), add_special_tokens=isinstance(pref.prompt, str))["input_ids"]
-            response = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            if max_length is not None and len(prompt) + len(response) > max_length:
-                raise LearndynError(f"update example '{pref.example_id}' ({side}) is {len(prompt) + len(response)} "
+            prompt, responses = encoded[pref.example_id]
+            if max_length is not None and len(prompt) + len(responses[k]) > max_length:
+                raise LearndynError(f"update example '{pref.example_id}' ({side}) is {len(prompt) + len(responses[k])} "
                                     f"tokens, longer than the model's context of {max_length}")
-            seqs.ids.append(prompt + response)
+            seqs.ids.append(prompt + responses[k])
             seqs.starts.append(len(prompt))
             seqs.keys.append((pref.example_id, side))
     return seqs
+
+
+def trained_tokens(prompt: Any, responses: Sequence[str], tokenizer: Any) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, completion ids per response) as TRL's trainers tokenize a prompt/completion row.
+
+    A conversation is rendered by the chat template twice, the prompt alone with the generation
+    prompt and the prompt with the assistant's turn, so a completion ends with whatever the template
+    puts after the turn (e.g. "<|im_end|>\n": one token more than the probes score). Plain text gets
+    EOS appended to the completion. The completion starts where the two token lists first differ;
+    for a pair, at the earlier of the two places, so chosen and rejected share one prompt.
+    """
+    if isinstance(prompt, str):
+        eos = tokenizer.eos_token
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        full = [tokenizer(prompt + text + ("" if text.endswith(eos) else eos))["input_ids"] for text in responses]
+    else:
+        render_prompt(prompt, tokenizer)  # a clear error without a chat template
+        prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
+        full = [_chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": text}]) for text in responses]
+    keep = min(_common_prefix(prompt_ids, ids) for ids in full)
+    return prompt_ids[:keep], [ids[keep:] for ids in full]
+
+
+def _chat_ids(tokenizer: Any, messages: list, add_generation_prompt: bool = False) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def probe_sequences(probes: Sequence[Probe], tokenizer: Any, types: Sequence[str] | None, limit: int | None) -> Sequences:
