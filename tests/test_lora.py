@@ -39,11 +39,13 @@ def learndyn(*args: str) -> subprocess.CompletedProcess:
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 1 and one `error:` line, the last thing written, naming every fragment."""
     assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # (beside progress bars)
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr[-2000:]
     for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+        assert fragment in errors[0], (fragment, errors[0])
 
 
 @pytest.fixture
