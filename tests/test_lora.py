@@ -301,3 +301,18 @@ def test_explain_command_keeps_the_adapter_trainable(tiny_llama, tiny_folder, pr
         recipe.run_explain(recipe.ExplainSettings(update="example", probes=str(probe_file), model=str(folder),
                                                   device="cpu"), tmp_path / "out", progress=False)
     assert seen["trainable"] and all("lora_" in n for n in seen["trainable"])
+
+
+def test_compare_passes_lora_to_every_arm_with_lora_learning_rates(tmp_path, monkeypatch):
+    from learndyn.experiments import compare
+
+    trained = []
+    monkeypatch.setattr(compare, "_build_probes", lambda settings, path: None)
+    monkeypatch.setattr(compare, "_train_once", lambda settings, resume: (trained.append(settings) or settings.out, True))
+    settings = compare.compare_settings(True, data="example", eval_data="example:test", out=str(tmp_path), lora=True)
+    compare.train_arms(settings)
+    assert len(trained) == 4 and all(s.lora for s in trained)
+    assert {s.phase: s.learning_rate for s in trained} == {"sft": 5e-4, "dpo": 2e-4}
+    given = compare.compare_settings(False, data="d", eval_data="e", lora=True, sft_lr=1e-3)
+    assert (given.sft_lr, given.dpo_lr) == (1e-3, 2e-4)
+    assert compare.compare_settings(False, data="d", eval_data="e").sft_lr == 5e-5

@@ -531,8 +531,8 @@ def compare(
     eval_n: Annotated[Optional[int], typer.Option(help="Answer only the first N held-out prompts.")] = None,
     sft_epochs: Annotated[Optional[float], typer.Option(help="SFT epochs (default 3; 2 with --quick).")] = None,
     dpo_epochs: Annotated[Optional[float], typer.Option(help="DPO epochs (default 2; 1 with --quick).")] = None,
-    sft_lr: Annotated[Optional[float], typer.Option(help="SFT learning rate (default 5e-5).")] = None,
-    dpo_lr: Annotated[Optional[float], typer.Option(help="DPO learning rate (default 2e-5).")] = None,
+    sft_lr: Annotated[Optional[float], typer.Option(help="SFT learning rate (default 5e-5; 5e-4 with --lora).")] = None,
+    dpo_lr: Annotated[Optional[float], typer.Option(help="DPO learning rate (default 2e-5; 2e-4 with --lora).")] = None,
     beta: Annotated[Optional[float], typer.Option(help="DPO beta (default 0.1).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer, in tokens (default 96; 64 with --quick).")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per training sequence and scored response (default 256).")] = None,
@@ -543,6 +543,7 @@ def compare(
     resume: Annotated[bool, typer.Option(help="Reuse the finished runs, answers and verdicts in --out.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start again in an --out that holds an earlier comparison.")] = False,
     device: DeviceOpt = None,
+    lora: Annotated[bool, typer.Option("--lora/--full", help="Train LoRA adapters (r 16, alpha 32, all linear layers) instead of all weights.")] = False,
 ) -> None:
     """Baseline SFT -> DPO against extended SFT -> DPO: train both, answer held-out prompts, judge, report."""
     from learndyn.experiments.compare import compare_settings, run_compare
@@ -552,7 +553,7 @@ def compare(
                                 eval_n=_positive(eval_n, "--eval-n"),
                                 sft_epochs=sft_epochs, dpo_epochs=dpo_epochs, sft_lr=sft_lr, dpo_lr=dpo_lr, beta=beta,
                                 max_new_tokens=max_new_tokens, max_length=max_length, seed=seed,
-                                device=device)
+                                device=device, lora=lora)
     check_writable(out_dir)
     summary = run_compare(settings, resume=resume, overwrite=overwrite, console=console,
                           judge_options=dict(base_url=base_url, api_key_env=api_key_env, rate_limit=rate_limit))
