@@ -116,6 +116,10 @@ def test_a_run_folder_resolves_to_its_final_checkpoint_adapter_or_not(tmp_path, 
     assert resolve_model("smollm2-135m-instruct") == "smollm2-135m-instruct"
     with pytest.raises(LearndynError, match="names no base model"):
         adapter_base(run / "checkpoints" / "final")
+    gone = tmp_path / "gone"
+    record_base(run / "checkpoints" / "final", gone)
+    with pytest.raises(LearndynError, match=f"^{run}: its base model {gone} is missing"):
+        load_model(str(run))
 
 
 # ---- training ------------------------------------------------------------------------------
@@ -212,7 +216,7 @@ def test_lora_sft_then_dpo_through_the_cli_and_score_the_run(tiny_folder, probe_
     moved = tmp_path / "tiny-moved"
     tiny_folder.rename(moved)
     missing = learndyn("score", "--probes", str(probe_file), "--out", str(out), "--model", str(dpo))
-    assert_one_error_line(missing, str(dpo), str(tiny_folder.resolve()), "missing")
+    assert_one_error_line(missing, f"{dpo}: its base model {tiny_folder.resolve()} is missing")
     bad = learndyn("train", "sft", *common, "--model", str(moved), "--out", str(tmp_path / "bad"),
                    "--lora-targets", "attn_qkv")
     assert_one_error_line(bad, "--lora-targets attn_qkv", "not found")
@@ -316,3 +320,18 @@ def test_compare_passes_lora_to_every_arm_with_lora_learning_rates(tmp_path, mon
     given = compare.compare_settings(False, data="d", eval_data="e", lora=True, sft_lr=1e-3)
     assert (given.sft_lr, given.dpo_lr) == (1e-3, 2e-4)
     assert compare.compare_settings(False, data="d", eval_data="e").sft_lr == 5e-5
+
+
+def prefer_short(prompts, completions, **kwargs):
+    """A TRL-style reward function: shorter samples are better."""
+    return [-len(c[0]["content"]) for c in completions]
+
+
+def test_on_policy_dpo_trains_a_lora_adapter(tiny_folder, probe_file, tmp_path):
+    settings = lora_run("dpo", tiny_folder, probe_file, tmp_path / "run", on_policy=True, max_new_tokens=6,
+                        reward="test_lora:prefer_short")
+    run = train(settings)
+    final = run / "checkpoints" / "final"
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+    assert adapter_base(final) == str(tiny_folder.resolve())
+    assert sorted(set(read_metrics(run)["step"])) == [0, 1, 2]

@@ -158,13 +158,28 @@ def adapter_base(folder: str | Path) -> str:
                         f"base_model_name_or_path in {ADAPTER_CONFIG})")
 
 
+def _check_chain(name: str, folder: Path) -> None:
+    """Follow the adapters' recorded bases down to a model; a local one that is gone (a run folder
+    moved or deleted) is reported against what the user asked for, not deep inside the chain."""
+    for _ in range(32):  # a longer chain is a loop of records
+        base = adapter_base(folder)
+        path = Path(base).expanduser()
+        if not path.exists():
+            if base.startswith((".", "/", "~")) or base.endswith(".gguf") or base.count("/") > 1:
+                raise LearndynError(f"{name}: its base model {base} is missing (recorded in {folder / BASE_RECORD}); "
+                                    "restore it there to load this run")
+            return  # the built-in name or a hub id
+        below = Path(resolve_model(path))
+        if not is_adapter(below):
+            return
+        folder = below
+    raise LearndynError(f"{name}: its adapters name each other as base models in a loop")
+
+
 def _load_adapter(name: str, folder: Path, *, device: str | None, dtype: str | None, mode: str) -> tuple[Any, Any]:
     """The base (itself merged when it is an adapter too) with the adapter of `folder` on top."""
+    _check_chain(name, folder)
     base = adapter_base(folder)
-    looks_local = base.startswith((".", "/", "~")) or base.endswith(".gguf") or base.count("/") > 1
-    if looks_local and not Path(base).expanduser().exists():
-        raise LearndynError(f"{name}: the base model of its adapter, {base}, is missing (recorded in "
-                            f"{folder / BASE_RECORD}); restore it there to load this run")
     try:
         model, tokenizer = load_model(base, device=device, dtype=dtype, adapter="merge")
     except LearndynError as err:
