@@ -27,7 +27,7 @@ app.add_typer(train_app, name="train")
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 130)  # full tables when piped to a file
 
-ModelOpt = Annotated[str, typer.Option("--model", help="Hub id, local folder, .gguf file or the built-in name.")]
+ModelOpt = Annotated[str, typer.Option("--model", help="Hub id, local folder, .gguf file, the built-in name, a LoRA adapter folder or a run folder (its final checkpoint).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: GPU if present).")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU).")]
 
@@ -220,7 +220,7 @@ DataOpt = Annotated[Optional[str], typer.Option(help="Training preference data (
 ProbesOpt = Annotated[Optional[str], typer.Option(help="Probe file to track.")]
 RunOpt = Annotated[Optional[str], typer.Option("--out", help="Run folder.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option(help="YAML file of settings; flags override it.")]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default: 2e-5 SFT, 5e-6 DPO).")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default: 2e-5 SFT, 5e-6 DPO; with --lora 2e-4 SFT, 5e-5 DPO).")]
 EpochsOpt = Annotated[Optional[float], typer.Option(help="Passes over the data (default 2).")]
 BatchOpt = Annotated[Optional[int], typer.Option(help="Examples per optimizer step (default 8).")]
 EveryOpt = Annotated[Optional[int], typer.Option(help="Score probes every N optimizer steps (default 2).")]
@@ -230,6 +230,15 @@ SeedOpt = Annotated[Optional[int], typer.Option(help="Seed (default 0).")]
 MaxLenOpt = Annotated[Optional[int], typer.Option(help="Tokens per sequence (default 512); a longer prompt keeps its last tokens.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue a run folder that holds metrics (same settings and input files).")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace a run (its metrics, checkpoints and report); a folder that is not a run is refused.")]
+LoraOpt = Annotated[Optional[bool], typer.Option("--lora/--full", help="Train a LoRA adapter (peft) and save only it, or all weights (default --full).")]
+LoraROpt = Annotated[Optional[int], typer.Option(help="LoRA rank (default 16).")]
+LoraAlphaOpt = Annotated[Optional[int], typer.Option(help="LoRA alpha; the adapter's update is scaled by alpha/r (default 32).")]
+LoraTargetsOpt = Annotated[Optional[str], typer.Option(help="Modules given adapters: all-linear or comma-separated names, e.g. q_proj,v_proj (default all-linear).")]
+LoraDropoutOpt = Annotated[Optional[float], typer.Option(help="Dropout on the adapter's input (default 0).")]
+
+
+def _lora_flags(lora, lora_r, lora_alpha, lora_targets, lora_dropout) -> dict:
+    return dict(lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets, lora_dropout=lora_dropout)
 
 
 @train_app.command("sft")
@@ -240,11 +249,14 @@ def train_sft(
     lr: LrOpt = None, epochs: EpochsOpt = None, batch_size: BatchOpt = None, every: EveryOpt = None,
     limit: LimitOpt = None, probe_limit: ProbeLimitOpt = None, seed: SeedOpt = None, max_length: MaxLenOpt = None,
     device: DeviceOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+    lora: LoraOpt = None, lora_r: LoraROpt = None, lora_alpha: LoraAlphaOpt = None, lora_targets: LoraTargetsOpt = None,
+    lora_dropout: LoraDropoutOpt = None,
 ) -> None:
     """Supervised finetuning on chosen responses (with --extend: on chosen and rejected)."""
     _train("sft", config, dict(data=data, probes=probes, out=out_dir, model=model, extend=extend, learning_rate=lr,
                                epochs=epochs, batch_size=batch_size, every=every, limit=limit, probe_limit=probe_limit,
-                               seed=seed, max_length=max_length, device=device), resume, overwrite)
+                               seed=seed, max_length=max_length, device=device,
+                               **_lora_flags(lora, lora_r, lora_alpha, lora_targets, lora_dropout)), resume, overwrite)
 
 
 @train_app.command("dpo")
@@ -264,13 +276,16 @@ def train_dpo(
     api_key_env: Annotated[Optional[str], typer.Option(help="Environment variable holding the openai judge's API key (default OPENAI_API_KEY; only its name is saved).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest sampled response, in tokens (--on-policy; default 64).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (--on-policy; default 1.0).")] = None,
+    lora: LoraOpt = None, lora_r: LoraROpt = None, lora_alpha: LoraAlphaOpt = None, lora_targets: LoraTargetsOpt = None,
+    lora_dropout: LoraDropoutOpt = None,
 ) -> None:
     """Direct preference optimisation (and its variants), the reference model being the starting model."""
     _train("dpo", config, dict(data=data, probes=probes, out=out_dir, model=model, from_run=from_run, loss=loss,
                                beta=beta, learning_rate=lr, epochs=epochs, batch_size=batch_size, every=every,
                                limit=limit, probe_limit=probe_limit, seed=seed, max_length=max_length, device=device,
                                on_policy=on_policy, judge=judge, reward=reward, max_new_tokens=max_new_tokens,
-                               temperature=temperature, judge_base_url=base_url, judge_api_key_env=api_key_env),
+                               temperature=temperature, judge_base_url=base_url, judge_api_key_env=api_key_env,
+                               **_lora_flags(lora, lora_r, lora_alpha, lora_targets, lora_dropout)),
            resume, overwrite)
 
 
@@ -520,8 +535,8 @@ def compare(
     eval_n: Annotated[Optional[int], typer.Option(help="Answer only the first N held-out prompts.")] = None,
     sft_epochs: Annotated[Optional[float], typer.Option(help="SFT epochs (default 3; 2 with --quick).")] = None,
     dpo_epochs: Annotated[Optional[float], typer.Option(help="DPO epochs (default 2; 1 with --quick).")] = None,
-    sft_lr: Annotated[Optional[float], typer.Option(help="SFT learning rate (default 5e-5).")] = None,
-    dpo_lr: Annotated[Optional[float], typer.Option(help="DPO learning rate (default 2e-5).")] = None,
+    sft_lr: Annotated[Optional[float], typer.Option(help="SFT learning rate (default 5e-5; 5e-4 with --lora).")] = None,
+    dpo_lr: Annotated[Optional[float], typer.Option(help="DPO learning rate (default 2e-5; 2e-4 with --lora).")] = None,
     beta: Annotated[Optional[float], typer.Option(help="DPO beta (default 0.1).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer, in tokens (default 96; 64 with --quick).")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per training sequence and scored response (default 256).")] = None,
@@ -532,6 +547,7 @@ def compare(
     resume: Annotated[bool, typer.Option(help="Reuse the finished runs, answers and verdicts in --out.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start again in an --out that holds an earlier comparison.")] = False,
     device: DeviceOpt = None,
+    lora: Annotated[bool, typer.Option("--lora/--full", help="Train LoRA adapters (r 16, alpha 32, all linear layers) instead of all weights.")] = False,
 ) -> None:
     """Baseline SFT -> DPO against extended SFT -> DPO: train both, answer held-out prompts, judge, report."""
     from learndyn.experiments.compare import compare_settings, run_compare
@@ -541,7 +557,7 @@ def compare(
                                 eval_n=_positive(eval_n, "--eval-n"),
                                 sft_epochs=sft_epochs, dpo_epochs=dpo_epochs, sft_lr=sft_lr, dpo_lr=dpo_lr, beta=beta,
                                 max_new_tokens=max_new_tokens, max_length=max_length, seed=seed,
-                                device=device)
+                                device=device, lora=lora)
     check_writable(out_dir)
     summary = run_compare(settings, resume=resume, overwrite=overwrite, console=console,
                           judge_options=dict(base_url=base_url, api_key_env=api_key_env, rate_limit=rate_limit))

@@ -217,10 +217,14 @@ class ModelSplit:
 
     def __init__(self, model: Any):
         self.model = model
+        # the transformer under the LM head; a peft model's `base_model` is its LoraModel wrapper (whose
+        # forward is the whole causal LM), so look through it to the backbone that carries the adapters
+        self.backbone = (model.get_base_model().base_model if callable(getattr(model, "get_base_model", None))
+                         else model.base_model)
         self.embedding = model.get_output_embeddings()
         self.fused = self.embedding is not None and self._head_is_plain()
         # recent transformers renamed `past_key_values` to `cache` and drop the old name in 5.40
-        called = model.base_model if self.fused else model
+        called = self.backbone if self.fused else model
         self.cache_name = "cache" if "cache" in inspect.signature(called.forward).parameters else "past_key_values"
         self._shares_cache: bool | None = None
 
@@ -246,7 +250,7 @@ class ModelSplit:
         """Run the model; `cache` is a KV cache to continue from, and the returned one to continue."""
         if cache is not None:
             kwargs[self.cache_name] = cache
-        out = self.model.base_model(**kwargs) if self.fused else self.model(**kwargs)
+        out = self.backbone(**kwargs) if self.fused else self.model(**kwargs)
         new_cache = out.get(self.cache_name) if kwargs.get("use_cache") else None
         return (out.last_hidden_state if self.fused else out.logits), new_cache
 
@@ -266,7 +270,7 @@ class ModelSplit:
         ids = torch.tensor([[0, 1, 2, 3]], device=self.model.device)
         try:
             logits = self.model(input_ids=ids).logits
-            hidden = self.model.base_model(input_ids=ids).last_hidden_state
+            hidden = self.backbone(input_ids=ids).last_hidden_state
         except Exception:  # an unusual architecture: keep its own forward
             return False
         fused = self.embedding(hidden)

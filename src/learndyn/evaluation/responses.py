@@ -60,22 +60,11 @@ class DecodingSettings:
 
 
 def resolve_model(spec: str | Path) -> str:
-    """What to load for `spec`: a run folder's final checkpoint, or the spec itself.
+    """What to load for `spec`: a run folder's final checkpoint (a model or a LoRA adapter), or the
+    spec itself. Kept here for callers of this module; the rule lives in `learndyn.models`."""
+    from learndyn.models import resolve_model as resolve
 
-    A folder holding `config.json` is a model folder and is loaded as is. Any other folder is taken
-    for a run folder, whose model is `checkpoints/final` (an error if the run saved none). Anything
-    that is not a folder (the built-in name, a .gguf file, a hub id) goes to `load_model` unchanged.
-    """
-    from learndyn.training.recipes import final_checkpoint
-
-    path = Path(spec)
-    if not path.is_dir() or (path / "config.json").is_file():
-        return str(spec)
-    try:
-        return str(final_checkpoint(path))
-    except LearndynError:
-        raise LearndynError(f"{spec}: not a model folder (no config.json) and, as a run folder, it has no final "
-                            "checkpoint (checkpoints/final); did that run finish with save_model on?") from None
+    return resolve(spec)
 
 
 def generate_responses(

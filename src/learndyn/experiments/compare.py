@@ -59,15 +59,19 @@ class CompareSettings:
     max_new_tokens: int = 96  # length of the evaluation answers
     seed: int = 0
     device: str | None = None
+    lora: bool = False  # every arm trains a LoRA adapter (r 16, alpha 32, all linear layers) instead of all weights
 
 
 QUICK = dict(examples=16, probes=6, sft_epochs=2.0, dpo_epochs=1.0, every=4, max_new_tokens=64)
+# A LoRA adapter needs ~10-100x the full-finetuning learning rate for a comparable step (see
+# training.recipes.TrainSettings); 10x the full defaults above, unless the lrs are given.
+LORA_LRS = dict(sft_lr=5e-4, dpo_lr=2e-4)
 
 
 def compare_settings(quick: bool, **values: Any) -> CompareSettings:
     """Settings from the given values (None: the default, or the quick default with `quick`)."""
     given = {k: v for k, v in values.items() if v is not None}
-    base = {**(QUICK if quick else {}), **given}
+    base = {**(QUICK if quick else {}), **(LORA_LRS if given.get("lora") else {}), **given}
     return CompareSettings(**base)
 
 
@@ -157,7 +161,7 @@ def train_arms(settings: CompareSettings, *, resume: bool = False, console: Cons
         _build_probes(settings, probes)
     common = dict(data=settings.data, probes=str(probes), model=settings.model, limit=settings.examples,
                   batch_size=settings.batch_size, every=settings.every, max_length=settings.max_length,
-                  seed=settings.seed, device=settings.device)
+                  seed=settings.seed, device=settings.device, lora=settings.lora)
     plan: list[tuple[str, str, TrainSettings]] = []
     for arm, extend in (("baseline", False), ("extended", True)):
         sft = TrainSettings(phase="sft", out=str(out / arm / "sft"), extend=extend, epochs=settings.sft_epochs,

@@ -65,7 +65,9 @@ def run_explain(settings: ExplainSettings, out: str | Path, progress: bool = Tru
     prefs = load_preferences(settings.update, need_rejected=pairwise and not settings.on_policy)
     update = pick_rows(prefs, settings.rows, settings.update)
     probes = read_probes(settings.probes, limit=settings.probe_limit)
-    model, tokenizer = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    # a LoRA model stays a peft model with only its adapter trainable: LoRA training moves the adapter
+    # alone, so the step explained (and its Δθ) is over the adapter's parameters
+    model, tokenizer = load_model(settings.model, device=settings.device, dtype=settings.dtype, adapter="train")
     if settings.tokenizer:
         from transformers import AutoTokenizer
 

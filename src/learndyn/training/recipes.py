@@ -3,6 +3,9 @@
 A recipe turns `TrainSettings` into a run folder (see runs.py): it loads the starting model (a model
 name, or the final checkpoint of an earlier run for SFT -> DPO chains), builds the TRL dataset,
 attaches the LearningDynamicsCallback and trains. The reference model of DPO is the starting model.
+With `lora`, only a LoRA adapter (peft) is trained and saved; the run's checkpoint records its base
+model, and a run started `--from` a LoRA run trains a fresh adapter on the earlier adapter merged into
+its base (so DPO's reference, the policy with its adapter disabled, is exactly the SFT model).
 DPO is off-policy (the data's chosen/rejected pairs) unless `on_policy`: then every step samples two
 responses per prompt from the current policy and a judge or reward function ranks them (online.py).
 """
@@ -69,6 +72,14 @@ class TrainSettings:
                                                                         "is never saved; default OPENAI_API_KEY)"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest sampled response, in tokens (on_policy)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (on_policy)"})
+    lora: bool = field(default=False, metadata={"help": "train a LoRA adapter (peft) instead of all weights"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (lora)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; the adapter's update is scaled by alpha/r "
+                                                          "(lora)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input (lora)"})
+    lora_targets: str = field(default="all-linear", metadata={"help": "modules given adapters: all-linear, or "
+                                                                      "comma-separated names like q_proj,v_proj "
+                                                                      "(lora)"})
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -76,7 +87,13 @@ class TrainSettings:
         if self.loss not in DPO_LOSSES:
             raise LearndynError(f"unknown DPO loss '{self.loss}'; valid: {', '.join(DPO_LOSSES)}")
         if self.learning_rate is None:
-            self.learning_rate = 2e-5 if self.phase == "sft" else 5e-6
+            # A LoRA update moves a rank-r product of small matrices, whose effect per step is far smaller
+            # than a full-weight step at the same lr: LoRA needs ~10-100x the full-finetuning lr (2e-4 is
+            # the usual LoRA SFT value), and DPO keeps its ~4-10x smaller step than SFT.
+            if self.lora:
+                self.learning_rate = 2e-4 if self.phase == "sft" else 5e-5
+            else:
+                self.learning_rate = 2e-5 if self.phase == "sft" else 5e-6
         for name in ("batch_size", "grad_accum", "every"):
             if getattr(self, name) < 1:
                 raise LearndynError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -88,6 +105,16 @@ class TrainSettings:
             if not (value > 0 and math.isfinite(value)):
                 raise LearndynError(f"{name} must be a positive finite number, got {value}")
         self._check_on_policy()
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        if self.lora_r < 1 or not self.lora_alpha > 0:
+            raise LearndynError(f"lora_r must be at least 1 and lora_alpha positive, got {self.lora_r} and "
+                                f"{self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise LearndynError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_targets.strip(" ,"):
+            raise LearndynError("lora_targets is empty; give all-linear or module names such as q_proj,v_proj")
 
     def _check_on_policy(self) -> None:
         """Fail on creation, before a run folder is touched: a bad reward module or judge spec would
@@ -160,6 +187,7 @@ def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = Fa
             raise LearndynError(f"{run} was made with other settings; --resume needs the same ones (or use "
                                 f"--overwrite): {'; '.join(differ)}")
     model, tokenizer = _load_trainable(start, settings.device)  # a wrong --model fails before anything is removed
+    peft_config = lora_config(settings, model) if settings.lora else None  # so does a --lora-targets matching nothing
     if not continuing:
         start_run(run, settings.to_dict(), inputs, overwrite=overwrite)
 
@@ -167,7 +195,7 @@ def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = Fa
     if cut:
         log.warning(f"{run}: {cut} of {len(prefs)} prompts are too long for max_length {settings.max_length} "
                     "with their responses; each keeps its last tokens")
-    trainer = _make_trainer(settings)(settings, model, tokenizer, prefs, run)
+    trainer = _make_trainer(settings)(settings, model, tokenizer, prefs, run, peft_config)
     callback = LearningDynamicsCallback(probes, run, every=settings.every, phase=settings.phase, tokenizer=tokenizer,
                                         trainer=trainer, max_length=settings.max_length)
     trainer.add_callback(callback)
@@ -178,7 +206,7 @@ def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = Fa
         raise LearndynError(f"loss became NaN at step {callback.nan_step}; training stopped, "
                             f"metrics up to then are kept in {run / 'metrics'}")
     if settings.save_model:
-        save_checkpoint(trainer.model, tokenizer, run / "checkpoints" / "final")
+        save_checkpoint(trainer.model, tokenizer, run / "checkpoints" / "final", base=start if settings.lora else None)
     return run
 
 
@@ -217,20 +245,63 @@ def resume_differences(settings: TrainSettings, run: str | Path,
 
 
 def final_checkpoint(run: str | Path) -> Path:
-    """The model a finished run ended with (the start of a chained phase)."""
+    """The model a finished run ended with (the start of a chained phase): a model folder, or a LoRA
+    adapter folder whose base is recorded beside it (see `learndyn.models.adapter_base`)."""
+    from learndyn.models import is_adapter
+
     path = Path(run) / "checkpoints" / "final"
     if not Path(run).is_dir():
         raise LearndynError(f"--from {run}: no such run folder")
-    if not (path / "config.json").is_file():
+    if not ((path / "config.json").is_file() or is_adapter(path)):
         raise LearndynError(f"--from {run}: no final checkpoint ({path}); did that run finish with save_model on?")
     return path
 
 
-def save_checkpoint(model: Any, tokenizer: Any, path: Path) -> None:
-    """Save model + tokenizer to `path` atomically (a temporary folder renamed into place)."""
+def save_checkpoint(model: Any, tokenizer: Any, path: Path, *, base: str | Path | None = None) -> None:
+    """Save model + tokenizer to `path` atomically (a temporary folder renamed into place).
+
+    A peft model saves its adapter only; `base` (the model the adapter was trained on: a name, a
+    folder or another adapter folder) is recorded beside it, since the adapter cannot be used without it.
+    """
+    from learndyn.models import record_base
+
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if base is not None:
+            record_base(tmp, base)
+
+
+def lora_config(settings: TrainSettings, model: Any) -> Any:
+    """The peft `LoraConfig` of `settings`, checked against `model`: targets that match no module
+    fail here, in one line, before the run folder is touched (peft would fail inside the trainer)."""
+    from peft import LoraConfig
+
+    targets = settings.lora_targets.strip()
+    config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                        target_modules=targets if targets == "all-linear" else
+                        [t.strip() for t in targets.split(",") if t.strip()],
+                        bias="none", task_type="CAUSAL_LM")
+    _check_targets(model, config, targets)
+    return config
+
+
+def _check_targets(model: Any, config: Any, targets: str) -> None:
+    """Inject a throwaway adapter and take it out again (the model is left as it was, its weights
+    still trainable); peft raises a ValueError when no module matches."""
+    from peft import get_peft_model
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        probe = get_peft_model(model, copy.deepcopy(config), adapter_name="learndyn_check")
+    except ValueError as err:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if type(m).__name__ in ("Linear", "Conv1D")} - {"lm_head"})
+        raise LearndynError(f"--lora-targets {targets}: {str(err).splitlines()[0]} (linear modules here: "
+                            f"{', '.join(names) or 'none'})") from None
+    probe.unload()
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
 
 
 def _starting_point(settings: TrainSettings) -> str:
@@ -310,13 +381,15 @@ def _rows(prefs: list, kind: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _sft_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: list, run: Path) -> Any:
+def _sft_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: list, run: Path,
+                 peft_config: Any = None) -> Any:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     rows = _rows(prefs, "sft-extended" if settings.extend else "sft")
     args = _training_args(SFTConfig, settings, run, model, completion_only_loss=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=peft_config)
     return _warn_dropped(trainer, len(rows), run)
 
 
@@ -334,13 +407,17 @@ def _frozen_copy(model: Any) -> Any:
     return reference
 
 
-def _dpo_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: list, run: Path) -> Any:
+def _dpo_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: list, run: Path,
+                 peft_config: Any = None) -> Any:
+    """With LoRA, no reference copy: TRL uses the policy with its fresh adapter disabled, which is the
+    starting model (an earlier LoRA run's adapter is already merged into it by `load_model`)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     args = _training_args(DPOConfig, settings, run, model, beta=settings.beta, loss_type=settings.loss)
-    trainer = DPOTrainer(model=model, ref_model=_frozen_copy(model), args=args,
-                         train_dataset=Dataset.from_list(_rows(prefs, "dpo")), processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, ref_model=None if peft_config else _frozen_copy(model), args=args,
+                         train_dataset=Dataset.from_list(_rows(prefs, "dpo")), processing_class=tokenizer,
+                         peft_config=peft_config)
     return _warn_dropped(trainer, len(prefs), run)
 
 
@@ -357,7 +434,8 @@ def _warn_dropped(trainer: Any, given: int, run: Path) -> Any:
     return trainer
 
 
-def _online_dpo_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: list, run: Path) -> Any:
+def _online_dpo_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: list, run: Path,
+                        peft_config: Any = None) -> Any:
     """TRL's online DPO on the data's prompts only. Gradient checkpointing stays off: with it on, TRL
     samples without the KV cache, recomputing the whole prefix for every new token."""
     from datasets import Dataset
@@ -371,5 +449,6 @@ def _online_dpo_trainer(settings: TrainSettings, model: Any, tokenizer: Any, pre
                           max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                           **{checkpointing: False})
     prompts = [{"prompt": row["prompt"]} for row in _rows(prefs, "sft")]  # _rows refuses mixed prompt kinds
-    return trainer_cls(model=model, ref_model=_frozen_copy(model), reward_funcs=make_ranker(settings), args=args,
-                       train_dataset=Dataset.from_list(prompts), processing_class=tokenizer)
+    return trainer_cls(model=model, ref_model=None if peft_config else _frozen_copy(model),
+                       reward_funcs=make_ranker(settings), args=args, train_dataset=Dataset.from_list(prompts),
+                       processing_class=tokenizer, peft_config=peft_config)
