@@ -115,18 +115,20 @@ def score_probes(
     max_length: int | None = None,
     batch_tokens: int | None = None,
     progress: str | None = "Scoring",
+    across_ranks: bool | None = None,
 ) -> Any:
     """Score every (probe, response type): a long-format DataFrame, one row per pair.
 
     `max_length` defaults to the model's context length. `batch_tokens` bounds the padded tokens of
     one forward pass; it defaults to 1024 on CPU (measured best in bench/score_throughput.py) and
-    16384 on GPU. Memory for logits stays bounded whatever it is (see `_token_stats`).
+    16384 on GPU. Memory for logits stays bounded whatever it is (see `_token_stats`). In a process
+    group, call it on every rank with the same probes: see `score_encoded` for `across_ranks`.
     """
     check_max_length(max_length)
     if max_length is None:
         max_length = context_length(model)
     encoded = encode_probes(probes, tokenizer, types=types, max_length=max_length)
-    return score_encoded(model, encoded, batch_tokens=batch_tokens, progress=progress)
+    return score_encoded(model, encoded, batch_tokens=batch_tokens, progress=progress, across_ranks=across_ranks)
 
 
 def check_max_length(max_length: int | None) -> None:
