@@ -54,12 +54,13 @@ def tiny_model(family: str, tokenizer):
     return cls(config).to(torch.float32).eval()
 
 
-def sharded(model, *, layers: bool = True, head: bool = False):
-    """A copy of `model` with FSDP2 `fully_shard` on each decoder layer (as TRANSFORMER_BASED_WRAP
-    does, by the model's `_no_split_modules` class names), optionally on the LM head, then the root."""
+def sharded(model, *, layers: bool = True, head: bool = False, in_place: bool = False):
+    """A copy of `model` (or `model` itself) with FSDP2 `fully_shard` on each decoder layer (as
+    TRANSFORMER_BASED_WRAP does, by the model's `_no_split_modules` class names), optionally on the
+    LM head, then the root."""
     from torch.distributed.fsdp import fully_shard
 
-    model = copy.deepcopy(model)
+    model = model if in_place else copy.deepcopy(model)
     if layers:
         names = set(model._no_split_modules or [])
         for module in [m for m in model.modules() if type(m).__name__ in names]:
@@ -142,6 +143,16 @@ def main() -> None:
     check("gpt2_tied_head_4_probes", same_rows("gpt2", 4, batch_tokens=40))
     check("llama_head_its_own_unit", same_rows("Llama", 3, head=True))
     check("llama_single_unit_scores", same_rows("Llama", 3, layers=False))
+
+    def scored_then_sharded_in_place():
+        """accelerate shards the very model object: a split cached while it was whole must not be reused."""
+        model = tiny_model("Llama", tokenizer)
+        probes = probe_set(4, seed=11)
+        want = score_probes(model, tokenizer, probes, progress=None)
+        got = score_probes(sharded(model, in_place=True), tokenizer, probes, progress=None)
+        return rows_match(got, want)
+
+    check("llama_scored_then_sharded_in_place", scored_then_sharded_in_place)
 
     def padding_happens():
         """The uneven set above really makes ranks' call counts differ (so the padding is exercised)."""

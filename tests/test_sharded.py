@@ -22,7 +22,8 @@ TESTS = Path(__file__).parent
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
 CHECKS = [
     "llama_7_probes_uneven_batches", "llama_1_probe_rank1_has_none", "qwen2_5_probes", "gpt2_tied_head_4_probes",
-    "llama_head_its_own_unit", "llama_single_unit_scores", "uneven_set_needs_padding",
+    "llama_head_its_own_unit", "llama_single_unit_scores", "llama_scored_then_sharded_in_place",
+    "uneven_set_needs_padding",
     "callback_rank0_writes_single_process_rows", "single_unit_refused_per_layer_accepted",
 ]
 

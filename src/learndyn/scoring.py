@@ -179,7 +179,8 @@ def score_encoded(
 
     results: dict[tuple[int, int], dict[str, float]] = {}
     total = sum(len(e.responses) for e in part)
-    with (Progress(console=Console(stderr=True), transient=True, disable=progress is None) as bar, _grad_off(model),
+    with (Progress(console=Console(stderr=True), transient=True, disable=progress is None or rank > 0) as bar,
+          _grad_off(model),
           _eval_mode(model)):
         split = split_model(model)
         try:
@@ -289,6 +290,7 @@ class ModelSplit:
         # own would all-gather at every chunk, a count that differs between ranks: such a model keeps
         # its own forward, whose hooks gather the head once per call.
         self.held: list[Any] = fsdp2_roots(model)
+        self.sharded = bool(self.held)
         head_owner = owning_unit(model, self.embedding) if self.held and self.embedding is not None else None
         own_head = head_owner is not None and all(head_owner is not root for root in self.held)
         self.fused = self.embedding is not None and not own_head and self._head_is_plain()
@@ -379,9 +381,12 @@ _SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def split_model(model: Any) -> ModelSplit:
-    if model not in _SPLITS:
-        _SPLITS[model] = ModelSplit(model)
-    return _SPLITS[model]
+    """The model's `ModelSplit`, made once per model, and again once `fully_shard` has changed the
+    model in place (a model scored before `accelerate` shards it must not keep its unsharded split)."""
+    split = _SPLITS.get(model)
+    if split is None or split.sharded != is_fsdp2(model):
+        split = _SPLITS[model] = ModelSplit(model)
+    return split
 
 
 def can_pad_prompts(model: Any) -> bool:
