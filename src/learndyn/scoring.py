@@ -10,7 +10,9 @@ gives exact results:
 Prompts are padded on the left, so that responses follow their prompt with no pad slot between
 (windowed attention counts cache slots), and the copied caches are never cropped to a window. A model
 whose cache cannot be copied per response (a recurrent state: Mamba, Jamba) is scored one sequence
-at a time instead (`ModelSplit.shares_cache`).
+at a time instead (`ModelSplit.shares_cache`). An FSDP2-sharded model is scored on every rank of its
+process group: each rank takes a share of the prompts, pads to the same number of forward calls
+(a forward is a collective there: `body_calls`), and all rows are gathered (`score_encoded`).
 `score_plain` is the obvious one-sequence-at-a-time computation; tests and `bench/` check that
 both agree (relative 1e-5 in fp32).
 
@@ -294,7 +296,8 @@ class ModelSplit:
         head_owner = owning_unit(model, self.embedding) if self.held and self.embedding is not None else None
         own_head = head_owner is not None and all(head_owner is not root for root in self.held)
         self.fused = self.embedding is not None and not own_head and self._head_is_plain()
-        if not self.fused:
+        if not self.fused:  # the head runs inside the model's forward: nothing to hold (the check may have)
+            self.release()
             self.held = []
         # recent transformers renamed `past_key_values` to `cache` and drop the old name in 5.40
         called = model.base_model if self.fused else model
