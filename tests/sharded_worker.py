@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_tokenizer  # noqa: E402
 
 from learndyn import LearndynError, score_probes  # noqa: E402
-from learndyn.distributed import check_sharding, share  # noqa: E402
+from learndyn.distributed import check_sharding  # noqa: E402
 from learndyn.probes.files import Probe  # noqa: E402
 from learndyn.scoring import METRICS, encode_probes, split_model  # noqa: E402
 from learndyn.training.callback import LearningDynamicsCallback  # noqa: E402
@@ -156,10 +156,10 @@ def main() -> None:
 
     def padding_happens():
         """The uneven set above really makes ranks' call counts differ (so the padding is exercised)."""
-        from learndyn.scoring import body_calls
+        from learndyn.scoring import _dealt, body_calls
 
         encoded = encode_probes(probe_set(7, seed=7), tokenizer)
-        counts = [body_calls([encoded[i] for i in share(len(encoded), r, world)], 48) for r in range(world)]
+        counts = [body_calls([encoded[i] for i in _dealt(encoded, r, world)], 48) for r in range(world)]
         return None if len(set(counts)) > 1 else f"the 7-probe set needs equal calls on every rank: {counts}"
 
     check("uneven_set_needs_padding", padding_happens)

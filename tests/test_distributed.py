@@ -19,11 +19,17 @@ from learndyn.errors import LearndynError
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 10])
-def test_shares_are_contiguous_cover_everything_once_and_differ_by_at_most_one(n, world):
-    parts = [share(n, rank, world) for rank in range(world)]
-    assert [i for part in parts for i in part] == list(range(n))  # rank order restores the order
+def test_shares_cover_everything_once_and_differ_by_at_most_one(n, world):
+    parts = [list(share(n, rank, world)) for rank in range(world)]
+    assert sorted(i for part in parts for i in part) == list(range(n))
     sizes = [len(part) for part in parts]
     assert max(sizes) - min(sizes) <= 1
+
+
+def test_dealing_sorted_items_gives_every_rank_the_same_mix_of_sizes():
+    sizes = sorted([5, 90, 7, 60, 30, 31, 8, 88])
+    halves = [[sizes[i] for i in share(len(sizes), rank, 2)] for rank in range(2)]
+    assert all(min(h) < 10 and max(h) > 80 for h in halves)  # a contiguous split: all short vs all long
 
 
 @pytest.mark.parametrize("rank, world", [(2, 2), (-1, 2), (0, 0)])

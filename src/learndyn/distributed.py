@@ -28,17 +28,16 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def share(n: int, rank: int, world: int) -> range:
-    """The contiguous slice of `n` items that `rank` of `world` takes: sizes differ by at most one.
-
-    Contiguous, so that concatenating the ranks' results in rank order restores the original order.
+    """The positions `rank` of `world` takes when `n` items are dealt round-robin: counts differ by at
+    most one, and when the items are sorted by size every rank gets the same mix of sizes (so, for
+    probe prompts sorted by length, nearly the same batches and forward calls; measured in
+    bench/sharded_scoring.py: a contiguous split left one rank 26% more calls).
     """
     if world < 1 or not 0 <= rank < world:
         raise LearndynError(f"rank must be in [0, world) with world >= 1, got rank {rank} of world {world}")
     if n < 0:
         raise LearndynError(f"cannot share a negative number of items ({n})")
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
+    return range(rank, n, world)
 
 
 def fsdp2_units(model: Any) -> list[Any]:

@@ -158,7 +158,7 @@ def score_encoded(
     """Score pre-tokenized probes (see `encode_probes`); rows keep the order of `encoded`.
 
     Called on every rank of a process group with the same `encoded`, it returns every row on every
-    rank. `across_ranks` deals the prompts out, each rank scoring a contiguous share; it defaults to
+    rank. `across_ranks` deals the prompts out, each rank scoring a share of every length; it defaults to
     on for an FSDP2-sharded model in a group of more than one process, where a forward pass is a
     collective: ranks with fewer forward calls then make one-token dummy calls so that every rank
     joins every all-gather. Off, every rank scores everything (the route of ZeRO-3, whose LM head
@@ -176,7 +176,7 @@ def score_encoded(
     if across_ranks is None:
         across_ranks = world > 1 and is_fsdp2(model)
     across_ranks = across_ranks and world > 1
-    mine = share(len(encoded), rank, world) if across_ranks else range(len(encoded))
+    mine = _dealt(encoded, rank, world) if across_ranks else list(range(len(encoded)))
     part = [encoded[i] for i in mine]
 
     results: dict[tuple[int, int], dict[str, float]] = {}
@@ -196,7 +196,7 @@ def score_encoded(
                     results[key] = stats
                     bar.advance(task)
             if across_ranks and is_fsdp2(model):  # every rank makes as many forward calls as the busiest one
-                most = max(body_calls([encoded[i] for i in share(len(encoded), r, world)], batch_tokens, pad=pad,
+                most = max(body_calls([encoded[i] for i in _dealt(encoded, r, world)], batch_tokens, pad=pad,
                                       shares_cache=shares) for r in range(world))
                 for _ in range(most - (split.calls - before)):
                     split.idle()
@@ -206,10 +206,17 @@ def score_encoded(
     for i, enc in enumerate(part):
         for j, (name, ids, truncated) in enumerate(enc.responses):
             rows.append({"example_id": enc.example_id, "response_type": name, **results[(i, j)],
-                         "truncated": truncated})
+                         "truncated": truncated, "_at": mine[i]})
     if across_ranks:
-        rows = all_gather_dicts(rows)
+        rows = sorted(all_gather_dicts(rows), key=lambda row: row["_at"])  # stable: responses keep their order
     return pd.DataFrame(rows, columns=["example_id", "response_type", *METRICS, "truncated"])
+
+
+def _dealt(encoded: Sequence[EncodedPrompt], rank: int, world: int) -> list[int]:
+    """The prompts (indices, ascending) that `rank` scores: dealt round-robin in order of length, so
+    that every rank gets the same mix of lengths and close to the same batches."""
+    by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i].prompt_ids))
+    return sorted(by_length[k] for k in share(len(encoded), rank, world))
 
 
 def body_calls(encoded: Sequence[EncodedPrompt], batch_tokens: int, *, pad: bool = True,
