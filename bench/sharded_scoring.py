@@ -11,7 +11,8 @@ with `fully_shard` per decoder layer and at the root; the probes are random toke
               and the unsharded model scoring everything in one process (1 thread);
   callback    one LearningDynamicsCallback evaluation on the sharded model vs one training step
               (forward + backward + SGD on 2 rows of 256 tokens) of the same model.
-Each time is the median of --repeats runs. Each process runs torch on one thread.
+Each time is the median of --repeats runs (the two strategies alternate). Each process runs torch
+on one thread.
 """
 
 from __future__ import annotations
@@ -85,8 +86,14 @@ def worker(args: argparse.Namespace) -> None:
     for layer in shard.model.layers:
         fully_shard(layer)
     fully_shard(shard)
-    deal_s, dealt = timed(lambda: score_encoded(shard, encoded, progress=None, across_ranks=True), args.repeats)
-    every_s, everything = timed(lambda: score_encoded(shard, encoded, progress=None, across_ranks=False), args.repeats)
+    # alternate the two strategies, so that the machine's drifting load hits both alike
+    deal_times, every_times = [], []
+    for _ in range(args.repeats):
+        t, dealt = timed(lambda: score_encoded(shard, encoded, progress=None, across_ranks=True), 1)
+        deal_times.append(t)
+        t, everything = timed(lambda: score_encoded(shard, encoded, progress=None, across_ranks=False), 1)
+        every_times.append(t)
+    deal_s, every_s = statistics.median(deal_times), statistics.median(every_times)
 
     def worst(got) -> float:
         return max(float(((got[m] - want[m]).abs() / want[m].abs().clip(lower=1e-12)).max()) for m in METRICS)
