@@ -254,3 +254,35 @@ def test_scoring_passes_the_cache_under_the_name_the_model_takes(tiny_model):
         warnings.simplefilter("error", FutureWarning)
         fast = score_encoded(model, encoded, batch_tokens=24, progress=None)
     assert_same_scores(fast, score_plain(model, encoded))
+
+
+@pytest.mark.parametrize("batch_tokens", [1, 24, 4096])
+@pytest.mark.parametrize("shares_cache", [True, False])
+def test_body_call_plan_equals_the_calls_made(tiny_llama, batch_tokens, shares_cache):
+    """Sharded ranks pad to the busiest rank's planned count: a plan that is off by one hangs them."""
+    from learndyn.scoring import body_calls, split_model
+
+    model, _ = tiny_llama
+    encoded = random_encoded(model.config.vocab_size, 11, seed=batch_tokens)
+    split = split_model(model)
+    split._shares_cache = shares_cache  # the one-sequence-at-a-time route of recurrent models
+    try:
+        before = split.calls
+        score_encoded(model, encoded, batch_tokens=batch_tokens, progress=None)
+        assert split.calls - before == body_calls(encoded, batch_tokens, shares_cache=shares_cache)
+    finally:
+        split._shares_cache = None
+
+
+def test_ranks_get_balanced_tokens_even_from_a_file_sorted_by_length():
+    """Dealing by size, not contiguous halves: halves of a sorted file would give one rank ~2x the work."""
+    from learndyn.scoring import _dealt
+
+    def tokens(e: EncodedPrompt) -> int:
+        return len(e.prompt_ids) + sum(len(ids) for _, ids, _ in e.responses)
+
+    encoded = sorted(random_encoded(100, 40, seed=3), key=tokens)
+    parts = [_dealt(encoded, rank, 2) for rank in range(2)]
+    assert sorted(parts[0] + parts[1]) == list(range(40))
+    work = [sum(tokens(encoded[i]) for i in part) for part in parts]
+    assert max(work) / min(work) < 1.15, work

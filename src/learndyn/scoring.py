@@ -10,7 +10,9 @@ gives exact results:
 Prompts are padded on the left, so that responses follow their prompt with no pad slot between
 (windowed attention counts cache slots), and the copied caches are never cropped to a window. A model
 whose cache cannot be copied per response (a recurrent state: Mamba, Jamba) is scored one sequence
-at a time instead (`ModelSplit.shares_cache`).
+at a time instead (`ModelSplit.shares_cache`). An FSDP2-sharded model is scored on every rank of its
+process group: each rank takes a share of the prompts, pads to the same number of forward calls
+(a forward is a collective there: `body_calls`), and all rows are gathered (`score_encoded`).
 `score_plain` is the obvious one-sequence-at-a-time computation; tests and `bench/` check that
 both agree (relative 1e-5 in fp32).
 
@@ -38,6 +40,8 @@ import torch
 
 from learndyn.atomic import atomic_path
 from learndyn.data import prompt_room, render_prompt
+from learndyn.distributed import (all_gather_dicts, fsdp2_roots, is_fsdp2, is_zero3, owning_unit,
+                                  rank_and_world, share)
 from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe
 from learndyn.vocab import TYPE_NAMES
@@ -113,18 +117,20 @@ def score_probes(
     max_length: int | None = None,
     batch_tokens: int | None = None,
     progress: str | None = "Scoring",
+    across_ranks: bool | None = None,
 ) -> Any:
     """Score every (probe, response type): a long-format DataFrame, one row per pair.
 
     `max_length` defaults to the model's context length. `batch_tokens` bounds the padded tokens of
     one forward pass; it defaults to 1024 on CPU (measured best in bench/score_throughput.py) and
-    16384 on GPU. Memory for logits stays bounded whatever it is (see `_token_stats`).
+    16384 on GPU. Memory for logits stays bounded whatever it is (see `_token_stats`). In a process
+    group, call it on every rank with the same probes: see `score_encoded` for `across_ranks`.
     """
     check_max_length(max_length)
     if max_length is None:
         max_length = context_length(model)
     encoded = encode_probes(probes, tokenizer, types=types, max_length=max_length)
-    return score_encoded(model, encoded, batch_tokens=batch_tokens, progress=progress)
+    return score_encoded(model, encoded, batch_tokens=batch_tokens, progress=progress, across_ranks=across_ranks)
 
 
 def check_max_length(max_length: int | None) -> None:
@@ -141,11 +147,23 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-@torch.inference_mode()
 def score_encoded(
-    model: Any, encoded: Sequence[EncodedPrompt], *, batch_tokens: int | None = None, progress: str | None = "Scoring"
+    model: Any,
+    encoded: Sequence[EncodedPrompt],
+    *,
+    batch_tokens: int | None = None,
+    progress: str | None = "Scoring",
+    across_ranks: bool | None = None,
 ) -> Any:
-    """Score pre-tokenized probes (see `encode_probes`); rows keep the order of `encoded`."""
+    """Score pre-tokenized probes (see `encode_probes`); rows keep the order of `encoded`.
+
+    Called on every rank of a process group with the same `encoded`, it returns every row on every
+    rank. `across_ranks` deals the prompts out, each rank scoring a share of every size; it defaults to
+    on for an FSDP2-sharded model in a group of more than one process, where a forward pass is a
+    collective: ranks with fewer forward calls then make one-token dummy calls so that every rank
+    joins every all-gather. Off, every rank scores everything (the route of ZeRO-3, whose LM head
+    gathers per call: untested). Unsharded DDP replicas may use either.
+    """
     import pandas as pd
     from rich.console import Console
     from rich.progress import Progress
@@ -154,22 +172,83 @@ def score_encoded(
     batch_tokens = batch_tokens or (16384 if on_gpu else 1024)
     if batch_tokens < 1:
         raise LearndynError(f"batch_tokens must be positive, got {batch_tokens}")
+    rank, world = rank_and_world()
+    if across_ranks is None:
+        across_ranks = world > 1 and is_fsdp2(model)
+    across_ranks = across_ranks and world > 1
+    mine = _dealt(encoded, rank, world) if across_ranks else list(range(len(encoded)))
+    part = [encoded[i] for i in mine]
 
     results: dict[tuple[int, int], dict[str, float]] = {}
-    total = sum(len(e.responses) for e in encoded)
-    with Progress(console=Console(stderr=True), transient=True, disable=progress is None) as bar, _eval_mode(model):
-        task = bar.add_task(progress or "", total=total)
-        score = _score_batch if split_model(model).shares_cache() else _score_alone
-        for batch in _prompt_batches(encoded, batch_tokens, pad=can_pad_prompts(model)):
-            for key, stats in score(model, [encoded[i] for i in batch], batch, batch_tokens, on_gpu):
-                results[key] = stats
-                bar.advance(task)
+    total = sum(len(e.responses) for e in part)
+    with (Progress(console=Console(stderr=True), transient=True, disable=progress is None or rank > 0) as bar,
+          _grad_off(model),
+          _eval_mode(model)):
+        split = split_model(model)
+        try:
+            shares = split.shares_cache()
+            pad = can_pad_prompts(model)
+            task = bar.add_task(progress or "", total=total)
+            score = _score_batch if shares else _score_alone
+            before = split.calls
+            for batch in _prompt_batches(part, batch_tokens, pad=pad):
+                for key, stats in score(model, [part[i] for i in batch], batch, batch_tokens, on_gpu):
+                    results[key] = stats
+                    bar.advance(task)
+            if across_ranks and is_fsdp2(model):  # every rank makes as many forward calls as the busiest one
+                most = max(body_calls([encoded[i] for i in _dealt(encoded, r, world)], batch_tokens, pad=pad,
+                                      shares_cache=shares) for r in range(world))
+                for _ in range(most - (split.calls - before)):
+                    split.idle()
+        finally:
+            split.release()
     rows = []
-    for i, enc in enumerate(encoded):
+    for i, enc in enumerate(part):
         for j, (name, ids, truncated) in enumerate(enc.responses):
             rows.append({"example_id": enc.example_id, "response_type": name, **results[(i, j)],
-                         "truncated": truncated})
+                         "truncated": truncated, "_at": mine[i]})
+    if across_ranks:
+        rows = sorted(all_gather_dicts(rows), key=lambda row: row["_at"])  # stable: responses keep their order
     return pd.DataFrame(rows, columns=["example_id", "response_type", *METRICS, "truncated"])
+
+
+def _dealt(encoded: Sequence[EncodedPrompt], rank: int, world: int) -> list[int]:
+    """The prompts (indices, ascending) that `rank` scores: dealt round-robin in order of their tokens
+    (prompt and responses), so that every rank gets the same mix of sizes whatever the file's order.
+    On random probes this kept ranks' tokens within 3-7% of each other, where halves of a file sorted
+    by length differ 1.6-1.9x; forward-call counts still differ by a few (the short rank pads)."""
+    def tokens(i: int) -> int:
+        return len(encoded[i].prompt_ids) + sum(len(ids) for _, ids, _ in encoded[i].responses)
+
+    by_size = sorted(range(len(encoded)), key=tokens)
+    return sorted(by_size[k] for k in share(len(encoded), rank, world))
+
+
+def body_calls(encoded: Sequence[EncodedPrompt], batch_tokens: int, *, pad: bool = True,
+               shares_cache: bool = True) -> int:
+    """How many forward calls of the model's body scoring `encoded` makes, without running any.
+
+    Batching depends only on token counts, so every rank can compute every rank's count: the plan
+    that lets ranks of a sharded model pad to the same number of calls. It mirrors `_score_batch`
+    (a call per prompt batch, and one per response chunk with a response longer than one token) and
+    `_score_alone` (a call per response); tests check it against a call counter.
+    """
+    if not shares_cache:
+        return sum(len(e.responses) for e in encoded)
+    calls = 0
+    for batch in _prompt_batches(encoded, batch_tokens, pad=pad):
+        lengths = sorted(len(ids) for i in batch for _, ids, _ in encoded[i].responses)
+        calls += 1 + sum(1 for _, stop in pack_runs(lengths, batch_tokens) if lengths[stop - 1] > 1)
+    return calls
+
+
+@contextmanager
+def _grad_off(model: Any) -> Iterator[None]:
+    """No autograd while scoring: `inference_mode` where it is safe, `no_grad` for sharded models,
+    whose hooks swap parameters in and out (inference tensors must never become module state)."""
+    context = torch.no_grad() if is_fsdp2(model) or is_zero3(model) else torch.inference_mode()
+    with context:
+        yield
 
 
 @contextmanager
@@ -222,7 +301,20 @@ class ModelSplit:
         self.backbone = (model.get_base_model().base_model if callable(getattr(model, "get_base_model", None))
                          else model.base_model)
         self.embedding = model.get_output_embeddings()
-        self.fused = self.embedding is not None and self._head_is_plain()
+        self.calls = 0  # body calls so far: sharded scoring pads every rank to the same count
+        # FSDP2: the body (`base_model`) is a part of the root unit, whose own parameters (embeddings,
+        # final norm, the head) only the root's forward all-gathers; the fused route therefore holds
+        # the root units unsharded while it scores (`hold`/`release`). A head that is a unit of its
+        # own would all-gather at every chunk, a count that differs between ranks: such a model keeps
+        # its own forward, whose hooks gather the head once per call.
+        self.held: list[Any] = fsdp2_roots(model)
+        self.sharded = bool(self.held)
+        head_owner = owning_unit(model, self.embedding) if self.held and self.embedding is not None else None
+        own_head = head_owner is not None and all(head_owner is not root for root in self.held)
+        self.fused = self.embedding is not None and not own_head and self._head_is_plain()
+        if not self.fused:  # the head runs inside the model's forward: nothing to hold (the check may have)
+            self.release()
+            self.held = []
         # recent transformers renamed `past_key_values` to `cache` and drop the old name in 5.40
         called = self.backbone if self.fused else model
         self.cache_name = "cache" if "cache" in inspect.signature(called.forward).parameters else "past_key_values"
@@ -235,7 +327,7 @@ class ModelSplit:
         if self._shares_cache is None:
             prompts = [EncodedPrompt("a", [1, 2, 3, 4], [("chosen", [5, 6, 7], False)]),
                        EncodedPrompt("b", [4, 3, 2, 1], [("chosen", [7, 6], False), ("rejected", [5], False)])]
-            with torch.inference_mode(), _eval_mode(self.model):
+            with _grad_off(self.model), _eval_mode(self.model):
                 alone = dict(_score_alone(self.model, prompts, [0, 1], 1024, False))
                 try:
                     shared = dict(_score_batch(self.model, prompts, [0, 1], 1024, False))
@@ -248,14 +340,33 @@ class ModelSplit:
 
     def body(self, cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         """Run the model; `cache` is a KV cache to continue from, and the returned one to continue."""
+        self.calls += 1
         if cache is not None:
             kwargs[self.cache_name] = cache
+        if self.fused:
+            self.hold()
         out = self.backbone(**kwargs) if self.fused else self.model(**kwargs)
         new_cache = out.get(self.cache_name) if kwargs.get("use_cache") else None
         return (out.last_hidden_state if self.fused else out.logits), new_cache
 
     def head(self, states: torch.Tensor) -> torch.Tensor:
         return self.embedding(states) if self.fused else states
+
+    def idle(self) -> None:
+        """A one-token body call whose result is dropped: a sharded rank with no work left joins the
+        all-gathers of the others' calls with it."""
+        self.body(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.model.device), use_cache=False)
+
+    def hold(self) -> None:
+        """All-gather the held FSDP2 units (a no-op when they are already whole). Every rank reaches
+        it at the same body call, so the collective matches."""
+        for unit in self.held:
+            unit.unshard()
+
+    def release(self) -> None:
+        """Free the held units' gathered parameters (local, no collective); the next forward regathers."""
+        for unit in self.held:
+            unit.reshard()
 
     def _head_is_plain(self) -> bool:
         """Post-processing the config declares, or any difference beyond rounding, keeps the model's forward.
@@ -269,7 +380,8 @@ class ModelSplit:
                 return False
         ids = torch.tensor([[0, 1, 2, 3]], device=self.model.device)
         try:
-            logits = self.model(input_ids=ids).logits
+            logits = self.model(input_ids=ids).logits  # first: a sharded root initialises on its own forward
+            self.hold()
             hidden = self.backbone(input_ids=ids).last_hidden_state
         except Exception:  # an unusual architecture: keep its own forward
             return False
@@ -288,9 +400,12 @@ _SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def split_model(model: Any) -> ModelSplit:
-    if model not in _SPLITS:
-        _SPLITS[model] = ModelSplit(model)
-    return _SPLITS[model]
+    """The model's `ModelSplit`, made once per model, and again once `fully_shard` has changed the
+    model in place (a model scored before `accelerate` shards it must not keep its unsharded split)."""
+    split = _SPLITS.get(model)
+    if split is None or split.sharded != is_fsdp2(model):
+        split = _SPLITS[model] = ModelSplit(model)
+    return split
 
 
 def can_pad_prompts(model: Any) -> bool:

@@ -5,8 +5,9 @@
 It only observes. At step 0, every `every` optimizer steps and at the end it scores every probe
 response with the fast scorer (probes are tokenized once per run) and appends the rows, tagged with
 phase/step/epoch, to RUN/metrics/ as one Parquet shard per evaluation, written atomically. Under
-`accelerate launch`/`torchrun` the probes are split across processes and only the main process
-writes. Per-type means go to the trainer's logs: with `trainer=` through `trainer.log`, so that
+`accelerate launch`/`torchrun` every process scores a share of the probes (sharded FSDP2 models
+included: ranks pad to the same number of forward calls), all rows are gathered, and only the main
+process writes. Per-type means go to the trainer's logs: with `trainer=` through `trainer.log`, so that
 `report_to` integrations (TensorBoard, W&B, ...) show them; without it into `state.log_history`.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from learndyn.distributed import check_sharding, is_zero3, rank_and_world
 from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe, read_probes
 from learndyn.scoring import encode_probes, score_encoded
@@ -87,21 +89,18 @@ class LearningDynamicsCallback(TrainerCallback):
         if step in self.done or model is None or self.nan_step is not None:
             return
         self.done.add(step)
-        rank, world = _rank_and_world(args)
-        frame = score_encoded(model, self.encoded[rank::world], batch_tokens=self.batch_tokens,
+        check_sharding(model)
+        rank, world = rank_and_world()
+        # every rank scores its share and receives all rows, in the order of self.encoded; under ZeRO-3
+        # the head gathers its weight at each chunk, so every rank scores everything (untested)
+        frame = score_encoded(model, self.encoded, batch_tokens=self.batch_tokens,
+                              across_ranks=world > 1 and not is_zero3(model),
                               progress=f"Scoring probes at step {step}" if rank == 0 else None)
-        diverged = not frame["logp_sum"].map(math.isfinite).all()
-        if world > 1:
-            diverged = _any_rank(diverged, model.device)
-        if diverged:  # keep only finite evaluations; every rank stops together
+        if not frame["logp_sum"].map(math.isfinite).all():  # the same rows on every rank: all stop together
             self.nan_step = step
             return
-        if world > 1:
-            frame = _gather_frames(frame, rank, world)
         if rank != 0:
             return
-        order = {enc.example_id: i for i, enc in enumerate(self.encoded)}
-        frame = frame.sort_values("example_id", key=lambda ids: ids.map(order), kind="stable", ignore_index=True)
         frame.insert(0, "epoch", float(state.epoch or 0.0))
         frame.insert(0, "step", step)
         frame.insert(0, "phase", self.phase)
@@ -115,14 +114,6 @@ class LearningDynamicsCallback(TrainerCallback):
             state.log_history.append({**logs, "epoch": float(state.epoch or 0.0), "step": step})
 
 
-def _rank_and_world(args) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return getattr(args, "process_index", 0), 1
-
-
 def _from_main_process(compute):
     """A value computed on the main process and shared, so that every process skips the same steps."""
     import torch.distributed as dist
@@ -132,24 +123,3 @@ def _from_main_process(compute):
     box = [compute() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _any_rank(flag: bool, device) -> bool:
-    import torch
-    import torch.distributed as dist
-
-    value = torch.tensor([1.0 if flag else 0.0], device=device)  # on the GPU under NCCL
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def _gather_frames(frame, rank: int, world: int):
-    """Collect every process's rows on the main process (ranks hold interleaved probe slices)."""
-    import pandas as pd
-    import torch.distributed as dist
-
-    parts = [None] * world if rank == 0 else None
-    dist.gather_object(frame, parts, dst=0)
-    if rank != 0:
-        return frame
-    return pd.concat(parts, ignore_index=True)
