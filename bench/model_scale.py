@@ -180,7 +180,8 @@ def track(model, tokenizer, prefs, probes, types, steps: int) -> list[float]:
         config = SFTConfig(output_dir=tmp, per_device_train_batch_size=2, max_steps=steps, learning_rate=1e-5,
                            max_length=256, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
                            completion_only_loss=True, disable_tqdm=True, dataloader_num_workers=0)
-        rows = [{"prompt": p.prompt, "completion": p.chosen} for p in prefs]
+        rows = [{"prompt": p.prompt, "completion": [{"role": "assistant", "content": p.chosen}]
+                 if isinstance(p.prompt, list) else p.chosen} for p in prefs]  # TRL wants both in one format
         model.config.use_cache = False
         trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, callbacks=[callback])

@@ -103,7 +103,7 @@ def estimate(model_or_param_count: Any, job: str, *, tokens: int = 1024, causes:
         resident = sum(p.numel() * p.element_size() for p in params if _same_device(str(p.device), device))
         config = getattr(model, "config", None)
     state = {"load": 0, "score": 0, "train": 3 * trainable, "explain": (1 + causes) * trainable}[job]
-    acts = _activations(config, job, tokens, causes, element) if config is not None else 0
+    acts = _activations(config, job, tokens, causes, element, device.startswith("cuda")) if config is not None else 0
     return MemoryEstimate(job, device, weights, state, acts, resident, None)
 
 
@@ -192,10 +192,10 @@ def _same_device(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-def _activations(config: Any, job: str, tokens: int, causes: int, element: int) -> int:
+def _activations(config: Any, job: str, tokens: int, causes: int, element: int, gpu: bool) -> int:
     """Rough activation bytes for `tokens` tokens, from the model's shape. Logits are counted in
-    float32 (scoring and explain widen them); the LM head works on at most 2,048 rows at a time
-    when scoring, on every response position when explaining and training."""
+    float32 (scoring and explain widen them); the LM head works on 128 rows at a time when scoring
+    on a CPU, 2,048 on a GPU, and on every response position when explaining and training."""
     text = getattr(config, "get_text_config", lambda: config)()
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0)
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 0)
@@ -208,7 +208,7 @@ def _activations(config: Any, job: str, tokens: int, causes: int, element: int) 
     if job == "load":
         return 0
     if job == "score":
-        return cache + layer + min(tokens, 2048) * vocab * 4 * 4
+        return cache + layer + min(tokens, 2048 if gpu else 128) * vocab * 4 * 4
     if job == "train":  # per layer kept for backward: attention inputs/outputs, MLP gates; logits and their grads
         return tokens * layers * (6 * hidden + 3 * inner) * element + tokens * vocab * 4 * 3
     return (1 + causes) * (cache + layer) + (2 + causes) * tokens * vocab * 4 + 10 * 128 * vocab * 4  # explain
