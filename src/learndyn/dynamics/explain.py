@@ -64,6 +64,7 @@ _SUMMED = ["logp", "actual", "predicted", "predicted_from_chosen", "predicted_fr
            "predicted_from_state", "kernel", "argmax_prob_predicted", "argmax_prob_actual"]
 _AVERAGED = ["entropy_predicted", "entropy_actual"]
 
+
 @dataclass
 class Explanation:
     """The result: `changes` per (example_id, response_type), `positions` per token, a `summary` dict."""
