@@ -92,9 +92,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--chunk-tokens", type=int, default=1024)
     parser.add_argument("--phases", default="score,explain,track")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from learndyn import load_preferences
     from learndyn.dynamics.explain import explain_step
