@@ -194,3 +194,96 @@ def test_bad_inputs_give_one_line_errors(model64):
     bigger.add_tokens([f"<extra{i}>" for i in range(20)])
     with pytest.raises(LearndynError, match="tokenizer has 340 tokens but the model embeds only 320"):
         explain_step(model, bigger, UPDATE, PROBES)
+
+
+def _sorted(frame):
+    return frame.sort_values(["example_id", "response_type", "position"], kind="stable").reset_index(drop=True)
+
+
+def test_parquet_sink_file_equals_the_in_memory_table(model64, tmp_path):
+    """Streamed to disk or kept in memory: the same rows, columns and types, and the same totals."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    model, tok = model64
+    rule = OptimizerRule("adamw", 1e-3, weight_decay=0.01)
+    memory = explain_step(model, tok, UPDATE, PROBES, loss="dpo", rule=rule, chunk_tokens=8)
+    path = tmp_path / "positions.parquet"
+    streamed = explain_step(model, tok, UPDATE, PROBES, loss="dpo", rule=rule, chunk_tokens=8, positions_out=path)
+    assert streamed.positions == path
+    memory.positions.to_parquet(tmp_path / "memory.parquet", index=False)
+    on_disk, reference = pd.read_parquet(path), pd.read_parquet(tmp_path / "memory.parquet")
+    assert len(on_disk) == len(reference) == memory.summary["positions"] == streamed.summary["positions"]
+    pd.testing.assert_frame_equal(_sorted(on_disk), _sorted(reference), check_exact=True)
+    assert pq.read_schema(path).equals(pq.read_schema(tmp_path / "memory.parquet"), check_metadata=False)
+    pd.testing.assert_frame_equal(streamed.changes, memory.changes, check_exact=True)
+    without_timings = lambda s: {k: v for k, v in s.items() if k != "timings"}  # noqa: E731
+    assert without_timings(streamed.summary) == without_timings(memory.summary)
+
+
+def test_parquet_sink_writes_a_row_group_per_chunk(model64, tmp_path):
+    """Bounded memory: chunks reach the file as they finish, one row group each, never all at once."""
+    import pyarrow.parquet as pq
+
+    from learndyn.dynamics.positions import ParquetPositions
+
+    model, tok = model64
+    sink = ParquetPositions(tmp_path / "positions.parquet")
+    seen = []
+    add = sink.add
+    sink.add = lambda rows: (seen.append(len(rows)), add(rows))[-1]
+    got = explain_step(model, tok, UPDATE, PROBES, loss="sft", chunk_tokens=8, positions_out=sink)
+    meta = pq.ParquetFile(got.positions).metadata
+    assert meta.num_row_groups == len(seen) == sink.row_groups > 1
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == seen
+    assert max(seen) < got.summary["positions"] == meta.num_rows
+    # each response whole in one row group, in position order
+    frame = pq.read_table(got.positions).to_pandas()
+    for _, rows in frame.groupby(["example_id", "response_type"], sort=False):
+        assert rows.index.tolist() == list(range(rows.index[0], rows.index[0] + len(rows)))
+        assert rows["position"].tolist() == list(range(len(rows)))
+
+
+def test_failure_mid_run_leaves_no_partial_file(model64, tmp_path, monkeypatch):
+    """An error after some chunks were written removes the temporary file and keeps an old result intact."""
+    import learndyn.dynamics.explain as explain_module
+
+    model, tok = model64
+    path = tmp_path / "positions.parquet"
+    path.write_bytes(b"old result")
+    real, calls = explain_module._explain_batch, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(explain_module, "_explain_batch", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        explain_step(model, tok, UPDATE, PROBES, loss="sft", chunk_tokens=8, positions_out=path)
+    assert len(calls) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["positions.parquet"]
+    assert path.read_bytes() == b"old result"
+
+
+def test_duplicate_probe_ids_are_refused(model64):
+    model, tok = model64
+    twice = [*PROBES, Probe("p1", "Human: Hi. Assistant:", {"chosen": " Hello."})]
+    with pytest.raises(LearndynError, match="probe id 'p1' appears more than once"):
+        explain_step(model, tok, UPDATE, twice)
+
+
+def test_bf16_model_agrees_with_float32(tiny_llama):
+    """A bf16 model's explanation tracks the float32 one: Δz per cause, their sum and the softmax
+    statistics are taken in float32, so only the bf16 forward passes (and the bf16 Δθ) differ."""
+    model, tok = tiny_llama
+    rule = OptimizerRule("sgd", 1e-2)
+    ref = explain_step(model, tok, UPDATE, PROBES, loss="dpo", rule=rule).changes
+    half = explain_step(model.to(torch.bfloat16), tok, UPDATE, PROBES, loss="dpo", rule=rule).changes
+    for col in ("logp_sum", "predicted", "kernel"):
+        got, want = torch.tensor(half[col].values), torch.tensor(ref[col].values)
+        assert got.dtype == torch.float64
+        assert (got - want).norm() < 0.05 * want.norm(), col
+    assert (half["predicted"] - half["predicted_from_chosen"] - half["predicted_from_rejected"]).abs().max() < \
+        1e-5 * half["predicted"].abs().max()

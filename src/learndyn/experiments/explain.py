@@ -2,8 +2,9 @@
 
 Loads the model, the update rows and the probes, runs `dynamics.explain.explain_step`, and writes
 OUT/changes.parquet (one row per (example_id, response_type)), OUT/positions.parquet (one row per
-response token), OUT/summary.json (settings and headline numbers) and OUT/changes.png,
-OUT/squeeze.png, each atomically. With `on_policy`, each update row's rejected response is replaced
+response token, streamed chunk by chunk so that no probe set is too big for memory; see
+`dynamics.positions` for its row order), OUT/summary.json (settings and headline numbers) and
+OUT/changes.png, OUT/squeeze.png, each atomically. With `on_policy`, each update row's rejected response is replaced
 by the model's own greedy response: a peak of the model's distribution instead of (usually) a
 valley, which is how the paper contrasts on- and off-policy negatives.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from learndyn.atomic import atomic_path
 from learndyn.errors import LearndynError
+from learndyn.memory import reporting_oom
 from learndyn.models import BUILTIN_MODEL
 
 
@@ -50,9 +52,8 @@ class ExplainSettings:
 
 
 def run_explain(settings: ExplainSettings, out: str | Path, progress: bool = True):
-    """Explain the step and write the folder; returns the `Explanation`."""
-    import torch
-
+    """Explain the step and write the folder; returns the `Explanation` (its `positions` is the path
+    of positions.parquet, written while the probes run)."""
     from learndyn.data import load_preferences
     from learndyn.dynamics.explain import explain_step
     from learndyn.dynamics.residuals import get_loss
@@ -75,13 +76,12 @@ def run_explain(settings: ExplainSettings, out: str | Path, progress: bool = Tru
     ref = load_model(settings.ref_model, device=settings.device, dtype=settings.dtype)[0] if settings.ref_model else None
     if settings.on_policy:
         update = with_greedy_rejected(model, tokenizer, update, settings.greedy_tokens)
-    try:
+    out = Path(out)
+    with reporting_oom("explain"):
         result = explain_step(model, tokenizer, update, probes, loss=settings.loss, rule=rule, beta=settings.beta,
-                              ref_model=ref, types=settings.types, chunk_tokens=settings.chunk_tokens, progress=progress)
-    except (torch.OutOfMemoryError, MemoryError):
-        raise LearndynError(f"out of memory while explaining; lower --chunk-tokens (now {settings.chunk_tokens}) "
-                            "or explain fewer update rows") from None
-    write_explanation(result, settings, update, Path(out))
+                              ref_model=ref, types=settings.types, chunk_tokens=settings.chunk_tokens, progress=progress,
+                              positions_out=out / "positions.parquet")
+    write_explanation(result, settings, update, out)
     return result
 
 
@@ -106,7 +106,10 @@ def write_explanation(result, settings: ExplainSettings, update: list, out: Path
     from learndyn.report.explain_figures import changes_figure, png, squeeze_figure
 
     out.mkdir(parents=True, exist_ok=True)
-    for name, table in (("changes", result.changes), ("positions", result.positions)):
+    tables = [("changes", result.changes)]
+    if not isinstance(result.positions, (str, Path)):  # in memory; streamed positions are written already
+        tables.append(("positions", result.positions))
+    for name, table in tables:
         with atomic_path(out / f"{name}.parquet") as tmp:
             table.to_parquet(tmp, index=False)
     for name, fig in (("changes", changes_figure(result.changes)), ("squeeze", squeeze_figure(result.changes))):
