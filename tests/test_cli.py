@@ -315,6 +315,7 @@ def test_explain_writes_tables_summary_and_figures(tmp_path, tiny_folder):
     assert changes["n_tokens"].sum() == len(positions)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["rows"] == [0, 1] and summary["optimizer"] == "adam"
+    assert summary["max_grad_norm"] == 1.0 and 0 < summary["update"]["clip_coefficient"] <= 1  # the Trainer's default
     assert [r["example_id"] for r in summary["update_rows"]] == ["ex-001", "ex-002"]
     assert summary["relative_error"] < 0.1
     assert (out / "changes.png").stat().st_size > 0 and (out / "squeeze.png").stat().st_size > 0

@@ -139,3 +139,23 @@ def test_cli_prints_one_line_and_exits_non_zero_on_oom(command, tmp_path, monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: out of memory while") and "Tried to allocate 20.00 GiB" in err[0]
     assert fix in err[0]
+
+
+def test_training_that_cannot_fit_stops_before_the_run_folder_is_made(tiny_folder, tmp_path, monkeypatch):
+    """Full finetuning needs gradients and two AdamW moments per weight: a machine whose free memory
+    holds the weights but not those is told so, in one line, before anything is written."""
+    import learndyn.memory
+    from learndyn.data import load_preferences
+    from learndyn.errors import LearndynError
+    from learndyn.probes.build import build_probes
+    from learndyn.probes.files import write_probes
+    from learndyn.training.recipes import TrainSettings, train
+
+    write_probes(build_probes(load_preferences("example", limit=2)), tmp_path / "p.jsonl")
+    weights = sum(f.stat().st_size for f in tiny_folder.glob("*.safetensors"))
+    monkeypatch.setattr(learndyn.memory, "free_memory", lambda device="cpu": 2 * weights)
+    settings = TrainSettings(phase="sft", data="example", probes=str(tmp_path / "p.jsonl"), out=str(tmp_path / "run"),
+                             model=str(tiny_folder), limit=2, batch_size=2, epochs=1)
+    with pytest.raises(LearndynError, match="^training needs at least .* train LoRA adapters"):
+        train(settings)
+    assert not (tmp_path / "run").exists()

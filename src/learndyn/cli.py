@@ -352,6 +352,8 @@ def explain(
     loss: Annotated[str, typer.Option(help="sft, dpo, ipo or hinge.")] = "sft",
     optimizer: Annotated[str, typer.Option(help="sgd, adam, adamw or rmsprop (fresh state).")] = "sgd",
     lr: Annotated[float, typer.Option(help="Learning rate of the step.")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (decoupled for adamw, L2 otherwise, as torch.optim).")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient's norm first, as the transformers Trainer does; 0: no clipping.")] = 1.0,
     beta: Annotated[float, typer.Option(help="beta of dpo, ipo and hinge.")] = 0.1,
     ref_model: Annotated[Optional[str], typer.Option(help="Reference model of dpo/ipo/hinge (default: the model itself).")] = None,
     on_policy: Annotated[bool, typer.Option(help="Use the model's own greedy response as each row's rejected response.")] = False,
@@ -368,7 +370,8 @@ def explain(
 
     settings = ExplainSettings(
         update=update, probes=probes, model=model, rows=_int_list(rows, "--rows"), loss=loss, optimizer=optimizer,
-        lr=lr, beta=beta, ref_model=ref_model, on_policy=on_policy, types=_names(types),
+        lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, beta=beta, ref_model=ref_model,
+        on_policy=on_policy, types=_names(types),
         probe_limit=_positive(probe_limit, "--probe-limit"),
         chunk_tokens=_positive(chunk_tokens, "--chunk-tokens"), tokenizer=tokenizer, device=device, dtype=dtype)
     check_writable(out_dir)

@@ -50,7 +50,7 @@ from learndyn.dynamics.sequences import (
     probe_batches,
     probe_sequences,
 )
-from learndyn.dynamics.updates import OptimizerRule, plan_step
+from learndyn.dynamics.updates import OptimizerRule, clip_coefficient, plan_step
 from learndyn.errors import LearndynError
 from learndyn.memory import check_fits
 from learndyn.probes.files import Probe
@@ -126,6 +126,7 @@ def explain_step(
         t0 = time.perf_counter()
         grads, update_info = _update_gradients(ResponseLogits(model), params, upd, spec.name, beta, ref_model)
         full = {n: sum(part[n] for part in grads.values()) for n in params}
+        update_info["clip_coefficient"] = clip_coefficient(full, rule.max_grad_norm)  # 1: the clip did not bite
         step = plan_step(rule, {n: p.detach() for n, p in params.items()}, full,
                          {f"lm.{n}": s for n, s in (state or {}).items()})
         tangents = {f"from_{side}": step.apply(g) for side, g in grads.items()}  # Δθ by cause
@@ -380,7 +381,8 @@ def _summary(changes, totals: _Totals, update_info, rule, loss, beta, timings, s
         ["predicted", "actual", "predicted_from_chosen", "predicted_from_rejected", "predicted_from_state",
          "argmax_mass_predicted", "argmax_mass_actual"]].mean()
     return {
-        "loss": loss, "beta": beta, "optimizer": rule.name, "lr": rule.lr,
+        "loss": loss, "beta": beta, "optimizer": rule.name, "lr": rule.lr, "weight_decay": rule.weight_decay,
+        "max_grad_norm": rule.max_grad_norm,
         "update": update_info,
         "step_norm": step_norm,
         "responses": len(changes), "positions": totals.positions,

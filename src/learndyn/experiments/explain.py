@@ -32,6 +32,8 @@ class ExplainSettings:
     loss: str = "sft"  # sft, dpo, ipo, hinge
     optimizer: str = "sgd"  # sgd, adam, adamw, rmsprop (fresh state)
     lr: float = 1e-4
+    weight_decay: float = 0.0  # L2 for sgd/adam/rmsprop, decoupled for adamw (torch's forms)
+    max_grad_norm: float | None = 1.0  # the transformers Trainer's clipping (None: no clipping)
     beta: float = 0.1
     ref_model: str | None = None  # default: the model itself (the first step of a DPO run)
     on_policy: bool = False
@@ -62,7 +64,8 @@ def run_explain(settings: ExplainSettings, out: str | Path, progress: bool = Tru
     from learndyn.probes.files import read_probes
 
     pairwise = get_loss(settings.loss).pairwise
-    rule = OptimizerRule(settings.optimizer, settings.lr)
+    rule = OptimizerRule(settings.optimizer, settings.lr, weight_decay=settings.weight_decay,
+                         max_grad_norm=settings.max_grad_norm)
     prefs = load_preferences(settings.update, need_rejected=pairwise and not settings.on_policy)
     update = pick_rows(prefs, settings.rows, settings.update)
     probes = read_probes(settings.probes, limit=settings.probe_limit)

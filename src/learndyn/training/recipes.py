@@ -21,6 +21,7 @@ from typing import Any
 
 from learndyn.atomic import atomic_dir
 from learndyn.errors import LearndynError
+from learndyn.memory import check_fits
 from learndyn.models import BUILTIN_MODEL
 from learndyn.training.inputs import data_identity, differences, identity, read_inputs
 from learndyn.training.runs import check_run_folder, is_run, read_config, start_run
@@ -188,6 +189,8 @@ def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = Fa
                                 f"--overwrite): {'; '.join(differ)}")
     model, tokenizer = _load_trainable(start, settings.device)  # a wrong --model fails before anything is removed
     peft_config = lora_config(settings, model) if settings.lora else None  # so does a --lora-targets matching nothing
+    if not settings.lora:  # gradients and AdamW moments of every weight; a LoRA adapter's are small
+        check_fits(model, "train", tokens=settings.batch_size * settings.max_length)
     if not continuing:
         start_run(run, settings.to_dict(), inputs, overwrite=overwrite)
 
