@@ -319,7 +319,7 @@ def test_explain_writes_tables_summary_and_figures(tmp_path, tiny_folder):
     assert [r["example_id"] for r in summary["update_rows"]] == ["ex-001", "ex-002"]
     assert summary["relative_error"] < 0.1
     assert (out / "changes.png").stat().st_size > 0 and (out / "squeeze.png").stat().st_size > 0
-    assert "after one dpo step" in result.stdout
+    assert "after one sigmoid step" in result.stdout  # the loss by TRL's name
 
 
 def test_explain_bad_input_is_one_line(tmp_path, tiny_folder):
@@ -332,7 +332,7 @@ def test_explain_bad_input_is_one_line(tmp_path, tiny_folder):
     sft_only = tmp_path / "sft.jsonl"
     sft_only.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello"}) + "\n")
     assert_one_error_line(learndyn("explain", "--update", str(sft_only), "--loss", "dpo", *common), "sft.jsonl", "rejected")
-    assert_one_error_line(learndyn("explain", "--update", "example", "--loss", "kto", *common), "valid: sft, dpo, ipo, hinge")
+    assert_one_error_line(learndyn("explain", "--update", "example", "--loss", "kto", *common), "valid: sft, sigmoid, ipo, hinge")
     assert not (tmp_path / "x").exists()
 
 

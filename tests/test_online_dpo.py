@@ -147,7 +147,7 @@ def test_bad_on_policy_settings_are_one_line_errors(settings):
         "has no attribute missing": dict(reward="test_online_dpo:missing"),
         "is a int, not a function": dict(reward="test_online_dpo:NOT_CALLABLE"),
         "unknown judge 'gpt4'": dict(judge="gpt4"),
-        "valid with on_policy: sigmoid, ipo": dict(loss="hinge"),
+        "does not support loss 'hinge'; valid: sigmoid, ipo": dict(loss="hinge"),
         "add --on-policy": dict(on_policy=False, reward="test_online_dpo:record_and_prefer_short"),
         "positive temperature": dict(temperature=0.0),
     }

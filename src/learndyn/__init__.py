@@ -8,7 +8,7 @@ The public API is a few nouns and verbs:
     scores = learndyn.score_probes(model, tokenizer, probes) # long-format pandas DataFrame
     trainer.add_callback(learndyn.LearningDynamicsCallback(probes, out="runs/mine", trainer=trainer))
     learndyn.build_report(["runs/mine"])                     # figures, signatures, report.html
-    learndyn.explain_step(model, tokenizer, prefs[:1], probes, loss="dpo",
+    learndyn.explain_step(model, tokenizer, prefs[:1], probes, loss="sigmoid",
                           rule=learndyn.OptimizerRule("adam", 1e-5))  # one step, predicted vs actual
 
 Names resolve lazily so that importing learndyn (and `learndyn --help`) does not import torch.

@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from learndyn.atomic import check_writable, describe_os_error
 from learndyn.errors import LearndynError
+from learndyn.losses import names as loss_names
 from learndyn.memory import reporting_oom
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
@@ -267,7 +268,7 @@ def train_dpo(
     data: DataOpt = None, probes: ProbesOpt = None, out_dir: RunOpt = None, config: ConfigOpt = None,
     model: Annotated[Optional[str], typer.Option(help="Starting model, unless --from is given.")] = None,
     from_run: Annotated[Optional[str], typer.Option("--from", help="Start from this run's final checkpoint.")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="sigmoid (DPO), ipo, hinge (SLiC), ... (TRL loss types).")] = None,
+    loss: Annotated[Optional[str], typer.Option(help=f"TRL loss type: {', '.join(loss_names(pairwise=True))} (default sigmoid, i.e. DPO).")] = None,
     beta: Annotated[Optional[float], typer.Option(help="DPO beta (default 0.1).")] = None,
     lr: LrOpt = None, epochs: EpochsOpt = None, batch_size: BatchOpt = None, every: EveryOpt = None,
     limit: LimitOpt = None, probe_limit: ProbeLimitOpt = None, seed: SeedOpt = None, max_length: MaxLenOpt = None,
@@ -349,7 +350,7 @@ def explain(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for changes.parquet, positions.parquet, summary.json and figures.")] = Path("learndyn-explain"),
     model: ModelOpt = "smollm2-135m-instruct",
     rows: Annotated[str, typer.Option(help="Rows of UPDATE that form the batch, numbered from 0: '0' or '0,3'.")] = "0",
-    loss: Annotated[str, typer.Option(help="sft, dpo, ipo or hinge.")] = "sft",
+    loss: Annotated[str, typer.Option(help=f"{', '.join(loss_names(explained=True))} (TRL's names; dpo = sigmoid).")] = "sft",
     optimizer: Annotated[str, typer.Option(help="sgd, adam, adamw or rmsprop (fresh state).")] = "sgd",
     lr: Annotated[float, typer.Option(help="Learning rate of the step.")] = 1e-4,
     weight_decay: Annotated[float, typer.Option(help="Weight decay (decoupled for adamw, L2 otherwise, as torch.optim).")] = 0.0,

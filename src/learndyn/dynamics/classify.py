@@ -34,7 +34,8 @@ from learndyn.errors import LearndynError
 __all__ = ["LOSSES", "OneStep", "entk", "entk_cosine", "jacobian", "loss_value", "one_step", "one_step_many",
            "residual", "softmax_jacobian"]
 
-# loss name -> sign s of L = s · (−log π(y)); G = s · (π − e_y).
+# Classifier losses of the digits experiment (one label, no pairs), not the LLM losses of
+# learndyn/losses.py: loss name -> sign s of L = s · (−log π(y)); G = s · (π − e_y).
 # "neg" is the negative gradient of DPO's push-down on y⁻ (+log π(y)): it squeezes mass into the argmax.
 LOSSES: dict[str, float] = {"ce": 1.0, "sft": 1.0, "neg": -1.0}
 

@@ -37,7 +37,7 @@ from torch.func import functional_call, jvp, vmap
 
 from learndyn.data import Preference
 from learndyn.dynamics.positions import PositionsSink, positions_sink
-from learndyn.dynamics.residuals import get_loss, loss_value, residual, sequence_logps, wide
+from learndyn.dynamics.residuals import loss_value, residual, sequence_logps, wide
 from learndyn.dynamics.sequences import (
     ProbeBatch,
     ResponseLogits,
@@ -52,6 +52,7 @@ from learndyn.dynamics.sequences import (
 )
 from learndyn.dynamics.updates import OptimizerRule, clip_coefficient, plan_step
 from learndyn.errors import LearndynError
+from learndyn.losses import Loss, get_loss
 from learndyn.memory import check_fits
 from learndyn.probes.files import Probe
 from learndyn.scoring import can_pad_prompts, context_length, split_model
@@ -81,7 +82,7 @@ def explain_step(
     update: Sequence[Preference],
     probes: Sequence[Probe],
     *,
-    loss: str = "sft",
+    loss: str | Loss = "sft",
     rule: OptimizerRule | None = None,
     beta: float = 0.1,
     ref_model: Any = None,
@@ -105,7 +106,7 @@ def explain_step(
     The model is never modified.
     """
     rule = rule or OptimizerRule()
-    spec = get_loss(loss)
+    spec = get_loss(loss, explained=True)  # resolved here once; the object goes down
     limit = context_length(model)
     check_tokenizer(model, tokenizer)
     if not split_model(model).shares_cache():
@@ -124,7 +125,7 @@ def explain_step(
 
     with _explain_mode(model), _explain_mode(ref_model):
         t0 = time.perf_counter()
-        grads, update_info = _update_gradients(ResponseLogits(model), params, upd, spec.name, beta, ref_model)
+        grads, update_info = _update_gradients(ResponseLogits(model), params, upd, spec, beta, ref_model)
         full = {n: sum(part[n] for part in grads.values()) for n in params}
         update_info["clip_coefficient"] = clip_coefficient(full, rule.max_grad_norm)  # 1: the clip did not bite
         step = plan_step(rule, {n: p.detach() for n, p in params.items()}, full,
@@ -195,7 +196,7 @@ def predict_naive(model: Any, tokenizer: Any, probes: Sequence[Probe], delta: di
     return pd.DataFrame(rows)
 
 
-def _update_gradients(head: ResponseLogits, params: dict[str, Tensor], upd: Sequences, loss: str, beta: float,
+def _update_gradients(head: ResponseLogits, params: dict[str, Tensor], upd: Sequences, loss: Loss, beta: float,
                       ref_model: Any) -> tuple[dict[str, dict[str, Tensor]], dict]:
     """g⁺ (and g⁻) = Jᵀ G⁺ (G⁻): one forward, then one backward per residual part."""
     ids, mask, rows, cols, labels, seq = full_inputs(upd, range(len(upd.ids)), head.lm.device)
@@ -203,9 +204,9 @@ def _update_gradients(head: ResponseLogits, params: dict[str, Tensor], upd: Sequ
     with torch.enable_grad():
         logits = head(ids, mask, rows, cols)  # (N, V)
         ref = _reference_logps(ref_model, ids, mask, rows, cols, labels, seq, n_seq, logits) \
-            if get_loss(loss).pairwise else None
+            if loss.pairwise else None
         g_all = residual(loss, logits.detach(), labels, seq, n_seq, beta=beta, ref_logps=ref)  # (N, V)
-        sides = {"chosen": seq < n_seq // 2, "rejected": seq >= n_seq // 2} if get_loss(loss).pairwise \
+        sides = {"chosen": seq < n_seq // 2, "rejected": seq >= n_seq // 2} if loss.pairwise \
             else {"chosen": torch.ones_like(seq, dtype=torch.bool)}
         grads = {}
         for i, (side, where) in enumerate(sides.items()):

@@ -10,50 +10,18 @@ pairwise losses sequences 0..P−1 are the chosen responses and P..2P−1 the re
     sft    L = mean over all tokens of −log π(y_l)             G_l = (π_l − e_{y_l}) / N
     pairs  L = mean over pairs of ℓ(h),  h = [log π(y⁺) − log π_ref(y⁺)] − [log π(y⁻) − log π_ref(y⁻)]
            G_l = −ℓ'(h)·(π_l − e_{y_l}) / P  on y⁺     G_l = +ℓ'(h)·(π_l − e_{y_l}) / P  on y⁻
-    dpo    ℓ = −log σ(βh)            ℓ' = −β σ(−βh)
-    ipo    ℓ = (h − 1/(2β))²         ℓ' = 2 (h − 1/(2β))     h from per-token means (below)
-    hinge  ℓ = max(0, 1 − βh)        ℓ' = −β · [βh < 1]   (SLiC)
-log π of a sequence is the sum over its tokens (as in the DPO and SLiC papers), except for ipo:
-TRL's `ipo`, which `train dpo --loss ipo` runs, divides each side's log-ratio by its completion
-length |y| (the IPO authors' normalised form), so h = [log π(y⁺) − log π_ref(y⁺)]/|y⁺| − [...]/|y⁻|
-and G on a token of y carries a further 1/|y|.
+with ℓ and ℓ' from the loss's entry in learndyn/losses.py (the registry keyed by TRL's names).
+log π of a sequence is the sum over its tokens, except for the `per_token` losses (TRL's ipo and
+sigmoid_norm), which divide each side's log-ratio by its completion length |y| first, so
+h = [log π(y⁺) − log π_ref(y⁺)]/|y⁺| − [...]/|y⁻| and G on a token of y carries a further 1/|y|.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
-from torch.nn.functional import logsigmoid
 
-
-@dataclass(frozen=True)
-class Loss:
-    """A loss by name: pairwise losses act on the margin h, `value` is ℓ(h, β) and `slope` is ℓ'(h, β)."""
-
-    name: str
-    pairwise: bool
-    value: Callable[[Tensor, float], Tensor] | None = None
-    slope: Callable[[Tensor, float], Tensor] | None = None
-    per_token: bool = False  # the margin uses log-ratios divided by the completion length (TRL's ipo)
-
-
-LOSSES: dict[str, Loss] = {
-    "sft": Loss("sft", pairwise=False),
-    "dpo": Loss("dpo", True, lambda h, b: -logsigmoid(b * h), lambda h, b: -b * torch.sigmoid(-b * h)),
-    "ipo": Loss("ipo", True, lambda h, b: (h - 1 / (2 * b)) ** 2, lambda h, b: 2 * (h - 1 / (2 * b)), per_token=True),
-    "hinge": Loss("hinge", True, lambda h, b: torch.relu(1 - b * h), lambda h, b: -b * (b * h < 1).to(h.dtype)),
-}
-
-
-def get_loss(name: str) -> Loss:
-    from learndyn.errors import LearndynError
-
-    if name not in LOSSES:
-        raise LearndynError(f"unknown loss '{name}'; valid: {', '.join(LOSSES)}")
-    return LOSSES[name]
+from learndyn.losses import Loss
 
 
 def wide(t: Tensor) -> Tensor:
@@ -84,20 +52,18 @@ def margin(seq_logps: Tensor, ref_logps: Tensor | None, lengths: Tensor | None =
     return chosen - rejected
 
 
-def loss_value(name: str, logits: Tensor, labels: Tensor, seq: Tensor, n_seq: int,
+def loss_value(loss: Loss, logits: Tensor, labels: Tensor, seq: Tensor, n_seq: int,
                beta: float = 0.1, ref_logps: Tensor | None = None) -> Tensor:
     """The scalar loss that `residual` differentiates (for reporting and for the autograd tests)."""
-    loss = get_loss(name)
     if not loss.pairwise:
         return -wide(logits).log_softmax(-1).gather(-1, labels[:, None]).mean()
     h = margin(sequence_logps(logits, labels, seq, n_seq), ref_logps, _lengths(loss, seq, n_seq))
     return loss.value(h, beta).mean()
 
 
-def residual(name: str, logits: Tensor, labels: Tensor, seq: Tensor, n_seq: int,
+def residual(loss: Loss, logits: Tensor, labels: Tensor, seq: Tensor, n_seq: int,
              beta: float = 0.1, ref_logps: Tensor | None = None) -> Tensor:
     """G = ∂L/∂z at every position (N, V), from the closed forms in the module docstring."""
-    loss = get_loss(name)
     g = token_residual(logits, labels)  # (N, V)
     if not loss.pairwise:
         return g / len(labels)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from learndyn.atomic import atomic_path
 from learndyn.errors import LearndynError
+from learndyn.losses import get_loss
 from learndyn.memory import reporting_oom
 from learndyn.models import BUILTIN_MODEL
 
@@ -29,7 +30,7 @@ class ExplainSettings:
     probes: str  # probe file
     model: str = BUILTIN_MODEL
     rows: tuple[int, ...] = (0,)
-    loss: str = "sft"  # sft, dpo, ipo, hinge
+    loss: str = "sft"  # a name in learndyn.losses that explain supports
     optimizer: str = "sgd"  # sgd, adam, adamw, rmsprop (fresh state)
     lr: float = 1e-4
     weight_decay: float = 0.0  # L2 for sgd/adam/rmsprop, decoupled for adamw (torch's forms)
@@ -46,7 +47,9 @@ class ExplainSettings:
     tokenizer: str | None = None  # default: the model's own
 
     def __post_init__(self) -> None:
-        """Checked before any data or model loads: a row named twice would count double in the step."""
+        """Checked before any data or model loads: a loss explain lacks, a row named twice (it would
+        count double in the step)."""
+        get_loss(self.loss, explained=True)
         twice = next((row for i, row in enumerate(self.rows) if row in self.rows[:i]), None)
         if twice is not None:
             raise LearndynError(f"update rows {','.join(map(str, self.rows))}: row {twice} is named twice; "
@@ -58,12 +61,12 @@ def run_explain(settings: ExplainSettings, out: str | Path, progress: bool = Tru
     of positions.parquet, written while the probes run)."""
     from learndyn.data import load_preferences
     from learndyn.dynamics.explain import explain_step
-    from learndyn.dynamics.residuals import get_loss
     from learndyn.dynamics.updates import OptimizerRule
     from learndyn.models import load_model
     from learndyn.probes.files import read_probes
 
-    pairwise = get_loss(settings.loss).pairwise
+    loss = get_loss(settings.loss, explained=True)
+    pairwise = loss.pairwise
     rule = OptimizerRule(settings.optimizer, settings.lr, weight_decay=settings.weight_decay,
                          max_grad_norm=settings.max_grad_norm)
     prefs = load_preferences(settings.update, need_rejected=pairwise and not settings.on_policy)
@@ -81,7 +84,7 @@ def run_explain(settings: ExplainSettings, out: str | Path, progress: bool = Tru
         update = with_greedy_rejected(model, tokenizer, update, settings.greedy_tokens)
     out = Path(out)
     with reporting_oom("explain"):
-        result = explain_step(model, tokenizer, update, probes, loss=settings.loss, rule=rule, beta=settings.beta,
+        result = explain_step(model, tokenizer, update, probes, loss=loss, rule=rule, beta=settings.beta,
                               ref_model=ref, types=settings.types, chunk_tokens=settings.chunk_tokens, progress=progress,
                               positions_out=out / "positions.parquet")
     write_explanation(result, settings, update, out)

@@ -21,6 +21,7 @@ from typing import Any
 
 from learndyn.atomic import atomic_dir
 from learndyn.errors import LearndynError
+from learndyn.losses import get_loss
 from learndyn.memory import check_fits
 from learndyn.models import BUILTIN_MODEL
 from learndyn.training.inputs import data_identity, differences, identity, read_inputs
@@ -29,10 +30,7 @@ from learndyn.training.runs import check_run_folder, is_run, read_config, start_
 log = logging.getLogger(__name__)
 
 # TRL 1.x DPOConfig.loss_type values (single losses).
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 PHASES = ("sft", "dpo")
-ONLINE_LOSSES = ("sigmoid", "ipo")  # the losses TRL's OnlineDPOTrainer implements
 
 
 @dataclass
@@ -85,8 +83,7 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
             raise LearndynError(f"unknown phase '{self.phase}'; valid: {', '.join(PHASES)}")
-        if self.loss not in DPO_LOSSES:
-            raise LearndynError(f"unknown DPO loss '{self.loss}'; valid: {', '.join(DPO_LOSSES)}")
+        self.loss = get_loss(self.loss, pairwise=True).name  # TRL's name ("dpo" reads as "sigmoid")
         if self.learning_rate is None:
             # A LoRA update moves a rank-r product of small matrices, whose effect per step is far smaller
             # than a full-weight step at the same lr: LoRA needs ~10-100x the full-finetuning lr (2e-4 is
@@ -131,9 +128,7 @@ class TrainSettings:
             return
         if self.phase != "dpo":
             raise LearndynError(f"on_policy applies to DPO only (train dpo --on-policy), not to phase '{self.phase}'")
-        if self.loss not in ONLINE_LOSSES:
-            raise LearndynError(f"loss '{self.loss}' has no on-policy version; valid with on_policy: "
-                                f"{', '.join(ONLINE_LOSSES)}")
+        get_loss(self.loss, pairwise=True, online=True)
         if self.max_new_tokens < 1 or not self.temperature > 0:
             raise LearndynError("on_policy needs max_new_tokens >= 1 and a positive temperature")
         from learndyn.training.online import check_ranker
