@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from learndyn.errors import LearndynError
+from learndyn.errors import LearndynError, first_line
 
 TEMP_PREFIX = ".tmp-"
 FOREIGN_STALE_S = 24 * 3600  # a temporary folder of another host is assumed dead after this long
@@ -117,7 +117,7 @@ def check_writable(folder: str | Path, what: str = "output folder") -> Path:
 
 def describe_os_error(err: OSError, *, with_file: bool = True) -> str:
     """One line for an OSError: its reason, and the file it concerns when known."""
-    reason = err.strerror or (str(err).strip().splitlines() or [type(err).__name__])[0]
+    reason = err.strerror or first_line(err)
     if err.errno == errno.ENOSPC and "space" not in reason.lower():
         reason = f"no space left on device ({reason})"
     if with_file and err.filename:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from learndyn.atomic import check_writable, describe_os_error
-from learndyn.errors import LearndynError
+from learndyn.errors import LearndynError, first_line
 from learndyn.losses import names as loss_names
 from learndyn.memory import reporting_oom
 
@@ -198,7 +198,7 @@ def _train(phase: str, config: Optional[Path], flags: dict, resume: bool, overwr
         try:
             values = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
-            raise LearndynError(f"--config {config}: not valid YAML ({str(err).splitlines()[0]})") from None
+            raise LearndynError(f"--config {config}: not valid YAML ({first_line(err)})") from None
         if not isinstance(values, dict):
             raise LearndynError(f"--config {config}: expected a mapping of settings")
     values.update({k: v for k, v in flags.items() if v is not None})

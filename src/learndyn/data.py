@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from learndyn.errors import LearndynError
+from learndyn.errors import LearndynError, first_line
 from learndyn.vocab import canonical_type
 
 Messages = list[dict[str, str]]
@@ -205,7 +205,7 @@ def _hub_rows(dataset_id: str, split: str) -> Iterator[tuple[str, dict[str, Any]
 
         data = datasets.load_dataset(dataset_id, split=split)
     except Exception as err:  # datasets raises many types for offline/missing/private
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise LearndynError(
             f"cannot load dataset '{dataset_id}' split '{split}' (not a local file; hub offline or id wrong?): {first}"
         ) from None
@@ -254,7 +254,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises ArrowInvalid and OSError variants
-        raise LearndynError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
+        raise LearndynError(f"{path}: not a readable Parquet file ({first_line(err)})") from None
     for i, row in enumerate(table.to_pylist()):
         yield f"{path}: row {i}", row
 

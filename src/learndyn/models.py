@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from learndyn.atomic import atomic_dir, sweep_stale
-from learndyn.errors import LearndynError
+from learndyn.errors import LearndynError, first_line
 from learndyn.memory import check_fits
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
@@ -191,7 +191,7 @@ def _load_adapter(name: str, folder: Path, *, device: str | None, dtype: str | N
     try:
         model = PeftModel.from_pretrained(model, str(folder), is_trainable=mode == "train")
     except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise LearndynError(f"{name}: cannot apply the adapter in {folder} to {base}: {_first_line(err)}") from None
+        raise LearndynError(f"{name}: cannot apply the adapter in {folder} to {base}: {first_line(err)}") from None
     if mode == "merge":
         model = model.merge_and_unload()
     if (folder / "tokenizer_config.json").is_file():  # the run's own copy (same as the base's unless changed)
@@ -213,11 +213,11 @@ def _load_pretrained(folder: str, name: str, torch_dtype: Any) -> tuple[Any, Any
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     except (OSError, ValueError) as err:
         where = "local folder" if local else "hub id (offline, misspelled or private?)"
-        raise LearndynError(f"cannot load model '{name}' as a {where}: {_first_line(err)}") from None
+        raise LearndynError(f"cannot load model '{name}' as a {where}: {first_line(err)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as err:
-        raise LearndynError(f"model '{name}' has no usable tokenizer: {_first_line(err)}") from None
+        raise LearndynError(f"model '{name}' has no usable tokenizer: {first_line(err)}") from None
     if tokenizer.eos_token_id is None:
         raise LearndynError(f"model '{name}': tokenizer has no EOS token, which scoring appends to responses")
     return model, tokenizer
@@ -236,7 +236,7 @@ def _cached_from_gguf(gguf: Path, key: str) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as err:  # the gguf reader raises many types for a broken file
-        raise LearndynError(f"cannot read GGUF file {gguf}: {_first_line(err)}") from None
+        raise LearndynError(f"cannot read GGUF file {gguf}: {first_line(err)}") from None
     clear_quantizer_marker(model)
     try:
         # atomic: a crash never leaves a half-written cache entry, and a kill leaves a temporary folder
@@ -265,8 +265,3 @@ def _gguf_cache_key(path: Path) -> str:
     stat = path.resolve().stat()
     digest = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     return f"{path.stem}-{digest}"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

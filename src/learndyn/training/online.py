@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from learndyn.errors import LearndynError
+from learndyn.errors import LearndynError, first_line
 from learndyn.judging.judges import Judge, Judgment, make_judge
 
 __all__ = ["JudgeReward", "check_ranker", "load_reward", "make_ranker", "online_dpo_classes"]
@@ -64,7 +64,7 @@ def load_reward(spec: str) -> RewardFn:
         target: Any = importlib.import_module(module_name)
     except Exception as err:  # the user's module may fail in any way while importing
         raise LearndynError(f"--reward {spec}: cannot import {module_name} "
-                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+                            f"({type(err).__name__}: {first_line(err)})") from None
     for part in path.split("."):
         if not hasattr(target, part):
             raise LearndynError(f"--reward {spec}: {module_name} has no attribute {path}")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from learndyn.atomic import atomic_dir
-from learndyn.errors import LearndynError
+from learndyn.errors import LearndynError, first_line
 from learndyn.losses import get_loss
 from learndyn.memory import check_fits
 from learndyn.models import BUILTIN_MODEL
@@ -295,7 +295,7 @@ def _check_targets(model: Any, config: Any, targets: str) -> None:
     except ValueError as err:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                         if type(m).__name__ in ("Linear", "Conv1D")} - {"lm_head"})
-        raise LearndynError(f"--lora-targets {targets}: {str(err).splitlines()[0]} (linear modules here: "
+        raise LearndynError(f"--lora-targets {targets}: {first_line(err)} (linear modules here: "
                             f"{', '.join(names) or 'none'})") from None
     probe.unload()
     for name, param in model.named_parameters():
