@@ -16,6 +16,7 @@ import torch
 
 from learndyn.data import Prompt, render_prompt
 from learndyn.errors import LearndynError
+from learndyn.models import eval_mode
 
 
 def generate(
@@ -62,22 +63,18 @@ def generate(
 
     results: list[str] = [""] * len(encoded)
     device = model.device
-    was_training = model.training
-    model.eval()  # dropout off: greedy decoding must be deterministic even mid-training
-    try:
-        with _seeded(seed if do_sample else None, device), torch.inference_mode(), \
-                _progress_bar(progress, len(encoded), len(batches) > 1) as advance:
-            for batch in batches:
-                input_ids, attention_mask = _left_pad([encoded[i] for i in batch], pad_id)
-                output = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **options
-                )  # (B, T + new)
-                new_tokens = output[:, input_ids.shape[1]:].tolist()  # (B, new)
-                for i, tokens in zip(batch, new_tokens):
-                    results[i] = tokenizer.decode(_until_eos(tokens, eos_ids), skip_special_tokens=True).strip()
-                advance(len(batch))
-    finally:
-        model.train(was_training)
+    # eval mode: dropout off, so greedy decoding is deterministic even mid-training
+    with eval_mode(model), _seeded(seed if do_sample else None, device), torch.inference_mode(), \
+            _progress_bar(progress, len(encoded), len(batches) > 1) as advance:
+        for batch in batches:
+            input_ids, attention_mask = _left_pad([encoded[i] for i in batch], pad_id)
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **options
+            )  # (B, T + new)
+            new_tokens = output[:, input_ids.shape[1]:].tolist()  # (B, new)
+            for i, tokens in zip(batch, new_tokens):
+                results[i] = tokenizer.decode(_until_eos(tokens, eos_ids), skip_special_tokens=True).strip()
+            advance(len(batch))
     return results
 
 

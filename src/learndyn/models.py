@@ -17,6 +17,8 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -265,3 +267,15 @@ def _gguf_cache_key(path: Path) -> str:
     stat = path.resolve().stat()
     digest = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     return f"{path.stem}-{digest}"
+
+
+@contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """Dropout off (and the KV cache on) while scoring, decoding, judging or explaining, even in the
+    middle of training; the model's mode is restored after, whatever happens inside."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

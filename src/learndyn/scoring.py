@@ -43,6 +43,7 @@ from learndyn.data import prompt_room, render_prompt
 from learndyn.distributed import (all_gather_dicts, fsdp2_roots, is_fsdp2, is_zero3, owning_unit,
                                   rank_and_world, share)
 from learndyn.errors import LearndynError
+from learndyn.models import eval_mode
 from learndyn.probes.files import Probe
 from learndyn.vocab import TYPE_NAMES
 
@@ -183,7 +184,7 @@ def score_encoded(
     total = sum(len(e.responses) for e in part)
     with (Progress(console=Console(stderr=True), transient=True, disable=progress is None or rank > 0) as bar,
           _grad_off(model),
-          _eval_mode(model)):
+          eval_mode(model)):
         split = split_model(model)
         try:
             shares = split.shares_cache()
@@ -251,17 +252,6 @@ def _grad_off(model: Any) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    """Dropout off and the KV cache on while scoring, even mid-training; the mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def pack_runs(lengths: Sequence[int], budget: int, max_waste: float = 0.1) -> list[tuple[int, int]]:
     """Cut ascending `lengths` into runs [start, stop) whose padded size fits `budget` tokens and is
     at most `max_waste` padding (a run always takes at least one item)."""
@@ -327,7 +317,7 @@ class ModelSplit:
         if self._shares_cache is None:
             prompts = [EncodedPrompt("a", [1, 2, 3, 4], [("chosen", [5, 6, 7], False)]),
                        EncodedPrompt("b", [4, 3, 2, 1], [("chosen", [7, 6], False), ("rejected", [5], False)])]
-            with _grad_off(self.model), _eval_mode(self.model):
+            with _grad_off(self.model), eval_mode(self.model):
                 alone = dict(_score_alone(self.model, prompts, [0, 1], 1024, False))
                 try:
                     shared = dict(_score_batch(self.model, prompts, [0, 1], 1024, False))
@@ -581,7 +571,7 @@ def score_plain(model: Any, encoded: Sequence[EncodedPrompt], dtype: torch.dtype
     import pandas as pd
 
     rows = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for enc in encoded:
             for name, ids, truncated in enc.responses:
                 seq = torch.tensor([enc.prompt_ids + ids], device=model.device)

@@ -53,6 +53,7 @@ from learndyn.dynamics.sequences import (
 from learndyn.dynamics.updates import OptimizerRule, clip_coefficient, plan_step
 from learndyn.errors import LearndynError
 from learndyn.losses import Loss, get_loss
+from learndyn.models import eval_mode
 from learndyn.memory import check_fits
 from learndyn.probes.files import Probe
 from learndyn.scoring import can_pad_prompts, context_length, split_model
@@ -414,22 +415,20 @@ def _explain_mode(model: Any) -> Iterator[None]:
     if model is None:
         yield
         return
-    was_training = model.training
     attn = getattr(model.config, "_attn_implementation", None)
     experts = getattr(model.config, "_experts_implementation", None)
-    model.eval()
     if attn not in (None, "eager"):
         model.set_attn_implementation("eager")
     if experts not in (None, "eager"):
         model.set_experts_implementation("eager")
     try:
-        yield
+        with eval_mode(model):
+            yield
     finally:
         if attn not in (None, "eager"):
             model.set_attn_implementation(attn)
         if experts not in (None, "eager"):
             model.set_experts_implementation(experts)
-        model.train(was_training)
 
 
 def _progress(items: list, enabled: bool, label: str) -> Iterator:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from learndyn.data import Prompt
 from learndyn.errors import LearndynError
 from learndyn.judging.prompt import LETTER_INSTRUCTION, TEXT_INSTRUCTION, pairwise_messages, parse_answer
+from learndyn.models import eval_mode
 from learndyn.openai_chat import ChatClient
 
 __all__ = ["JUDGES", "Judge", "Judgment", "JudgingFailed", "LocalJudge", "OpenAIJudge", "make_judge", "vote"]
@@ -194,17 +195,12 @@ class LocalJudge:
         encoded = [self._encode(item) for item in items]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
         results: list[Judgment | None] = [None] * len(encoded)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                for start in range(0, len(order), self.batch_size):
-                    batch = order[start:start + self.batch_size]
-                    logp = self._next_token_logp(model, [encoded[i] for i in batch], tokenizer)  # (B, 2)
-                    for i, (a, b) in zip(batch, logp.tolist()):
-                        results[i] = self._judgment(a, b)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                logp = self._next_token_logp(model, [encoded[i] for i in batch], tokenizer)  # (B, 2)
+                for i, (a, b) in zip(batch, logp.tolist()):
+                    results[i] = self._judgment(a, b)
         return results  # type: ignore[return-value]
 
     def combine(self, ab: Judgment, ba: Judgment) -> str:
