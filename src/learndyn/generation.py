@@ -17,6 +17,7 @@ import torch
 from learndyn.data import Prompt, render_prompt
 from learndyn.errors import LearndynError
 from learndyn.models import eval_mode
+from learndyn.progress import progress as progress_bar
 
 
 def generate(
@@ -65,7 +66,7 @@ def generate(
     device = model.device
     # eval mode: dropout off, so greedy decoding is deterministic even mid-training
     with eval_mode(model), _seeded(seed if do_sample else None, device), torch.inference_mode(), \
-            _progress_bar(progress, len(encoded), len(batches) > 1) as advance:
+            progress_bar(progress, len(encoded), enabled=len(batches) > 1) as advance:
         for batch in batches:
             input_ids, attention_mask = _left_pad([encoded[i] for i in batch], pad_id)
             output = model.generate(
@@ -126,17 +127,3 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-@contextlib.contextmanager
-def _progress_bar(label: str | None, total: int, show: bool) -> Iterator[Any]:
-    """A transient rich bar over prompts, or a no-op when there is nothing worth showing."""
-    if label is None or not show:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)

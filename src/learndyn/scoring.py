@@ -45,6 +45,7 @@ from learndyn.distributed import (all_gather_dicts, fsdp2_roots, is_fsdp2, is_ze
 from learndyn.errors import LearndynError
 from learndyn.models import eval_mode
 from learndyn.probes.files import Probe
+from learndyn.progress import progress as progress_bar
 from learndyn.vocab import TYPE_NAMES
 
 METRICS: dict[str, str] = {
@@ -166,8 +167,6 @@ def score_encoded(
     gathers per call: untested). Unsharded DDP replicas may use either.
     """
     import pandas as pd
-    from rich.console import Console
-    from rich.progress import Progress
 
     on_gpu = model.device.type != "cpu"
     batch_tokens = batch_tokens or (16384 if on_gpu else 1024)
@@ -182,20 +181,19 @@ def score_encoded(
 
     results: dict[tuple[int, int], dict[str, float]] = {}
     total = sum(len(e.responses) for e in part)
-    with (Progress(console=Console(stderr=True), transient=True, disable=progress is None or rank > 0) as bar,
+    with (progress_bar(progress, total, enabled=rank == 0) as advance,
           _grad_off(model),
           eval_mode(model)):
         split = split_model(model)
         try:
             shares = split.shares_cache()
             pad = can_pad_prompts(model)
-            task = bar.add_task(progress or "", total=total)
             score = _score_batch if shares else _score_alone
             before = split.calls
             for batch in _prompt_batches(part, batch_tokens, pad=pad):
                 for key, stats in score(model, [part[i] for i in batch], batch, batch_tokens, on_gpu):
                     results[key] = stats
-                    bar.advance(task)
+                    advance(1)
             if across_ranks and is_fsdp2(model):  # every rank makes as many forward calls as the busiest one
                 most = max(body_calls([encoded[i] for i in _dealt(encoded, r, world)], batch_tokens, pad=pad,
                                       shares_cache=shares) for r in range(world))

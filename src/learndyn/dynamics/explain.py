@@ -56,6 +56,7 @@ from learndyn.losses import Loss, get_loss
 from learndyn.models import eval_mode
 from learndyn.memory import check_fits
 from learndyn.probes.files import Probe
+from learndyn.progress import tracked
 from learndyn.scoring import can_pad_prompts, context_length, split_model
 
 # Positions reduced at once. (128, V) float32 blocks (25 MB at V=49k) stay under glibc's largest mmap
@@ -158,8 +159,8 @@ def explain_step(
         by_order = lambda r: (order[r["example_id"], r["response_type"]], r["position"])  # noqa: E731
         token_text = functools.cache(lambda t: tokenizer.decode([t]))
         try:
-            for groups in _progress(list(probe_batches(obs, chunk_tokens, pad=can_pad_prompts(model))), progress,
-                                    "Explaining"):
+            batches = list(probe_batches(obs, chunk_tokens, pad=can_pad_prompts(model)))
+            for groups in tracked(batches, "Explaining" if progress else None, len(batches)):
                 batch = probe_batch(obs, groups, chunk_tokens, model.device)
                 rows = sorted(_explain_batch(head, params, after, causes, stacked, obs, batch, rule, top_k, token_text),
                               key=by_order)  # each response whole and in position order
@@ -429,13 +430,3 @@ def _explain_mode(model: Any) -> Iterator[None]:
             model.set_attn_implementation(attn)
         if experts not in (None, "eager"):
             model.set_experts_implementation(experts)
-
-
-def _progress(items: list, enabled: bool, label: str) -> Iterator:
-    if not enabled:
-        yield from items
-        return
-    from rich.console import Console
-    from rich.progress import track
-
-    yield from track(console=Console(stderr=True), sequence=items, description=label, transient=True)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from learndyn.atomic import atomic_path
 from learndyn.dynamics.classify import entk_cosine, one_step_many
 from learndyn.errors import LearndynError
+from learndyn.progress import progress as progress_bar
 from learndyn.report.digits_figures import write_digits_figures
 
 CLASSES = 10
@@ -100,17 +101,13 @@ def _train(model: nn.Module, X: Tensor, y: Tensor, order: Tensor, tracked: Tenso
     """Plain SGD, one example per step, in `order`; calls `probe` before step `probe_step`.
     Returns the sum of the tracked observations' change of log π(y_o | x_o) by (update digit,
     observed digit), the steps per update digit, and probe's result."""
-    from rich.console import Console
-    from rich.progress import Progress
-
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     total = torch.zeros(CLASSES, CLASSES, dtype=torch.float64)  # Σ Δ log π(y_o | x_o) by (c_u, c_o)
     counts = torch.zeros(CLASSES, dtype=torch.float64)
     y_o = y[tracked][:, None]  # (N, 1), sorted by digit, N/10 per digit
     with torch.no_grad():
         before = model(X[tracked]).log_softmax(-1)  # (N, 10)
-    with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar, _one_thread():
-        task = bar.add_task("Training on digits", total=len(order))
+    with progress_bar("Training on digits", len(order), enabled=progress) as advance, _one_thread():
         for step, i in enumerate(order.tolist()):
             if step == probe_step:
                 probed = probe()
@@ -125,7 +122,7 @@ def _train(model: nn.Module, X: Tensor, y: Tensor, order: Tensor, tracked: Tenso
             total[c_u] += change.gather(1, y_o)[:, 0].view(CLASSES, -1).mean(1)  # (10,)
             counts[c_u] += 1
             before = after
-            bar.advance(task)
+            advance(1)
     return total, counts, probed
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from learndyn.atomic import atomic_path
 from learndyn.data import Prompt, parse_prompt, read_records
 from learndyn.errors import LearndynError
 from learndyn.judging.judges import Judge, Judgment, JudgingFailed
+from learndyn.progress import progress as progress_bar
 
 __all__ = ["Judged", "Pair", "judge_files", "read_pairs", "read_verdicts"]
 
@@ -111,7 +110,7 @@ def judge_files(
     if overwrite or not out.exists():
         _rewrite(out, [])
     finished = 0
-    with open(out, "a", encoding="utf-8") as fh, _progress(progress, len(todo)) as advance:
+    with open(out, "a", encoding="utf-8") as fh, progress_bar(progress, len(todo)) as advance:
         for start in range(0, len(todo), judge.pairs_per_call):
             batch = todo[start:start + judge.pairs_per_call]
             items = [item for p in batch for item in ((p.prompt, p.response_a, p.response_b),
@@ -256,17 +255,3 @@ def _sort_file(path: Path) -> None:
     indices = [row["index"] for row in rows]
     if indices != sorted(indices):
         _rewrite(path, sorted(rows, key=lambda row: row["index"]))
-
-
-@contextmanager
-def _progress(label: str | None, total: int) -> Iterator[Callable[[int], None]]:
-    """A transient rich bar over pairs, or a no-op (no label, or nothing to judge)."""
-    if label is None or total == 0:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)

@@ -13,12 +13,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from rich.console import Console
-from rich.progress import Progress
-
 from learndyn.data import Preference
 from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe
+from learndyn.progress import progress
 from learndyn.probes.rephrase import Rephraser
 from learndyn.vocab import REPHRASE_TYPES
 
@@ -137,8 +135,7 @@ def _add_rephrases(probes: list[Probe], todo: list[Probe], rephraser: Rephraser,
     """Fill missing rephrase types chunk by chunk, so a failure keeps every finished chunk."""
     jobs = [(p, name) for p in todo for name in REPHRASE_TYPES if name not in p.responses
             and p.responses.get(name.split("_")[0])]
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("Rephrasing", total=len(jobs))
+    with progress("Rephrasing", len(jobs)) as advance:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
             try:
@@ -155,4 +152,4 @@ def _add_rephrases(probes: list[Probe], todo: list[Probe], rephraser: Rephraser,
             except LearndynError as err:
                 pending = {p.example_id for p, _ in jobs[start:]}
                 raise ProbeBuildError(str(err), [p for p in probes if p.example_id not in pending]) from None
-            bar.advance(task, len(chunk))
+            advance(len(chunk))
