@@ -3,6 +3,7 @@ failure, a kill or a Ctrl-C, and that its folders follow the umask like any othe
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -138,3 +139,20 @@ def test_check_writable_names_the_folder_and_leaves_nothing(tmp_path):
         atomic.check_writable(tmp_path / "a-file" / "out")
     atomic.check_writable(tmp_path / "new" / "deeper")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # the folders it made to try are gone
+
+
+def test_json_and_jsonl_writers_round_trip_and_keep_the_old_file_on_failure(tmp_path):
+    from learndyn.atomic import write_json, write_jsonl
+
+    target = write_json(tmp_path / "s.json", {"name": "café", "path": tmp_path})
+    assert json.loads(target.read_text(encoding="utf-8")) == {"name": "café", "path": str(tmp_path)}
+    rows = write_jsonl(tmp_path / "r.jsonl", ({"i": i} for i in range(3)))
+    assert [json.loads(line) for line in rows.read_text().splitlines()] == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+    def failing():
+        yield {"i": 0}
+        raise RuntimeError("disk went away")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(rows, failing())
+    assert len(rows.read_text().splitlines()) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl", "s.json"]

@@ -1,6 +1,7 @@
 """Atomic writes and writable folders: a reader sees the old file or the new one, never half of one.
 
-`atomic_path` writes one file through a temporary file beside it; `atomic_dir` writes a whole folder
+`atomic_path` writes one file through a temporary file beside it (`write_bytes`, `write_json` and
+`write_jsonl` are the usual uses); `atomic_dir` writes a whole folder
 (a model checkpoint, a converted model) through a temporary folder beside it, named
 `.tmp-HOST-PID-XXXX` so that one left by a killed process is recognised and removed by the next
 `atomic_dir` in the same parent. `check_writable` tells, before any work starts, whether a command
@@ -11,14 +12,16 @@ file or folder (tempfile's own 0600/0700 would not).
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from learndyn.errors import LearndynError, first_line
 
@@ -61,6 +64,27 @@ def atomic_dir(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json(path: str | Path, value: Any, *, indent: int | None = 2) -> Path:
+    """Write `value` as UTF-8 JSON (non-ASCII kept, unknown types as their str) atomically."""
+    text = json.dumps(value, indent=indent, ensure_ascii=False, default=str)
+    return write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Any]) -> Path:
+    """Write rows as JSON Lines (UTF-8, one object per line) atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 def sweep_stale(parent: str | Path) -> list[Path]:

@@ -17,13 +17,12 @@ two files can be checked for comparable settings before a judge compares them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from learndyn.atomic import atomic_path
+from learndyn.atomic import write_jsonl
 from learndyn.data import Preference, parse_prompt, read_records
 from learndyn.errors import LearndynError
 
@@ -113,9 +112,7 @@ def generate_file(
 
 def write_responses(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     """Write response rows as JSONL (UTF-8, one object per line), atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(path, rows)
 
 
 def read_responses(path: str | Path) -> list[dict[str, Any]]:

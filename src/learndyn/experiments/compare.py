@@ -19,7 +19,6 @@ verdict; anything downstream of a retrained run is redone.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
-from learndyn.atomic import atomic_path
+from learndyn.atomic import atomic_path, write_json
 from learndyn.errors import LearndynError
 from learndyn.models import BUILTIN_MODEL
 
@@ -139,7 +138,7 @@ def run_compare(settings: CompareSettings, *, resume: bool = False, overwrite: b
 
     runs = [c.run for c in checkpoints if c.phase != "sft"]  # each DPO run brings its SFT run
     summary["signatures"] = evaluate_signatures(runs)
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     figure = win_rate_figure(win_rates)
     with atomic_path(out / "figures" / "win_rates.png") as tmp:
         tmp.write_bytes(figure)
@@ -271,8 +270,3 @@ def _check_folder(out: Path, resume: bool, overwrite: bool) -> None:
     if started and not (resume or overwrite):
         raise LearndynError(f"{out} holds an earlier comparison; pass --resume to reuse its finished parts "
                             "or --overwrite to start again")
-
-
-def _write_json(path: Path, value: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=str), encoding="utf-8")

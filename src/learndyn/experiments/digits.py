@@ -12,7 +12,6 @@ Writes OUT/summary.json and OUT/digits_one_step.png, OUT/digits_influence.png, e
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from learndyn.atomic import atomic_path
+from learndyn.atomic import write_json
 from learndyn.dynamics.classify import entk_cosine, one_step_many
 from learndyn.errors import LearndynError
 from learndyn.progress import progress as progress_bar
@@ -158,6 +157,5 @@ def run_digits(out: Path, seed: int = 0, steps: int = 4000, lr: float = 0.03, pr
                "one_step": one, "influence": _influence(total, counts)}
     out = Path(out)
     summary["figures"] = [p.name for p in write_digits_figures(summary, out)]
-    with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out / "summary.json", summary, indent=1)
     return summary

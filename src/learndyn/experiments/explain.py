@@ -11,11 +11,10 @@ valley, which is how the paper contrasts on- and off-policy negatives.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from learndyn.atomic import atomic_path
+from learndyn.atomic import atomic_path, write_json
 from learndyn.errors import LearndynError
 from learndyn.losses import get_loss
 from learndyn.memory import reporting_oom
@@ -124,5 +123,4 @@ def write_explanation(result, settings: ExplainSettings, update: list, out: Path
     summary = {"settings": asdict(settings),
                "update_rows": [{"example_id": p.example_id, "chosen": p.chosen, "rejected": p.rejected} for p in update],
                **result.summary}
-    with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    write_json(out / "summary.json", summary, indent=1)

@@ -14,14 +14,13 @@ after per case, from which every figure can be redrawn), each atomically.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from learndyn.atomic import atomic_path
+from learndyn.atomic import write_bytes, write_json
 from learndyn.dynamics import toy
 from learndyn.errors import LearndynError
 from learndyn.report.squeeze_figures import render_case
@@ -67,9 +66,9 @@ def run_squeeze(out: Path, case: str | None = None, seed: int = 0, lr: float = L
         distributions[c.name] = {"before": before, "after": after}
         marks = {"argmax_before": numbers["argmax_before"]["class"], "argmax_after": numbers["argmax_after"]["class"],
                  **{role: p["class"] for role, p in numbers["pushed"].items()}}
-        _write(out / f"{c.name}.png", render_case(before, after, marks, _title(c.name, numbers, lr)))
-    _write(out / "summary.json", json.dumps(summary, indent=2).encode("utf-8"))
-    _write(out / "distributions.json", json.dumps(distributions).encode("utf-8"))
+        write_bytes(out / f"{c.name}.png", render_case(before, after, marks, _title(c.name, numbers, lr)))
+    write_json(out / "summary.json", summary)
+    write_json(out / "distributions.json", distributions, indent=None)
     return summary
 
 
@@ -124,8 +123,3 @@ def _title(name: str, n: dict[str, Any], lr: float) -> str:
     pushed = ", ".join(f"{'y⁺' if role == 'positive' else 'ȳ'} {_change(p)}" for role, p in n["pushed"].items())
     return (f"{name} (η = {lr:g}, η‖x‖² = {n['logit_step']:.3g}): argmax {_change(n['argmax_before'])}; "
             f"{pushed}; {n['rose']}/{n['n_classes']} classes rose")
-
-
-def _write(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)

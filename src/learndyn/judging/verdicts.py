@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from learndyn.atomic import atomic_path
+from learndyn.atomic import write_jsonl
 from learndyn.data import Prompt, parse_prompt, read_records
 from learndyn.errors import LearndynError
 from learndyn.judging.judges import Judge, Judgment, JudgingFailed
@@ -244,9 +244,7 @@ def _excerpt(text: str, other: str, before: int = 12, width: int = 40) -> str:
 
 
 def _rewrite(path: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(path, rows)
 
 
 def _sort_file(path: Path) -> None:

@@ -6,11 +6,10 @@ HH probe file scores as is. An empty cell means "no probe of this type for this 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from learndyn.atomic import atomic_path
+from learndyn.atomic import write_jsonl
 from learndyn.data import Prompt, parse_prompt, read_records
 from learndyn.errors import LearndynError
 from learndyn.vocab import IGNORED_COLUMNS, TYPE_NAMES, canonical_type, raise_unknown_type
@@ -71,6 +70,4 @@ def read_probes(path: str | Path, *, limit: int | None = None) -> list[Probe]:
 
 def write_probes(probes: list[Probe], path: str | Path) -> None:
     """Write probes as JSONL, atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for probe in probes:
-            fh.write(json.dumps(probe.to_row(), ensure_ascii=False) + "\n")
+    write_jsonl(path, (probe.to_row() for probe in probes))

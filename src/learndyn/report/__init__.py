@@ -10,12 +10,11 @@ can be rebuilt from RUN/metrics/ alone.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from learndyn.atomic import atomic_path
+from learndyn.atomic import write_bytes, write_json
 from learndyn.report import figures, page
 from learndyn.report.arms import load_arms
 from learndyn.report.signatures import evaluate
@@ -47,13 +46,8 @@ def build_report(runs: list[str | Path], out: str | Path | None = None, *,
     pngs = {}
     for stem, (caption, change) in FIGURES.items():
         png = figures.render(arms, change=change)
-        _write(out / "figures" / f"{stem}.png", png)
+        write_bytes(out / "figures" / f"{stem}.png", png)
         pngs[stem] = (caption, png)
-    _write(out / "signatures.json", json.dumps(signatures, indent=2, ensure_ascii=False).encode("utf-8"))
-    _write(out / "report.html", page.render(arms, signatures, pngs, sections).encode("utf-8"))
+    write_json(out / "signatures.json", signatures)
+    write_bytes(out / "report.html", page.render(arms, signatures, pngs, sections).encode("utf-8"))
     return out / "report.html"
-
-
-def _write(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
