@@ -333,3 +333,20 @@ def test_a_max_length_that_leaves_no_row_is_one_line(tiny_folder, probes, tmp_pa
     with pytest.raises(LearndynError, match="no training row fits in max_length 2"):
         train(TrainSettings(phase="sft", data="example", probes=str(tmp_path / "p.jsonl"), out=str(tmp_path / "r"),
                             model=str(tiny_folder), limit=2, max_length=2))
+
+
+def test_settings_load_from_yaml_for_library_users(tmp_path):
+    """The file `train --config` reads and RUN/config.yaml are one format: a run's settings reload as
+    they were, and overrides go on top; a broken file is one line naming it."""
+    import yaml
+
+    settings = TrainSettings(phase="dpo", data="example", probes="p.jsonl", out="runs/a", from_run="runs/sft",
+                             loss="ipo", lora=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings.to_dict()))
+    assert TrainSettings.from_yaml(tmp_path / "config.yaml") == settings
+    assert TrainSettings.from_yaml(tmp_path / "config.yaml", out="runs/b").out == "runs/b"
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(LearndynError, match=f"^settings file {tmp_path / 'bad.yaml'}: not valid YAML"):
+        TrainSettings.from_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(LearndynError, match="file not found"):
+        TrainSettings.from_yaml(tmp_path / "missing.yaml")

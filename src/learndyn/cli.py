@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from learndyn.atomic import check_writable, describe_os_error
-from learndyn.errors import LearndynError, first_line
+from learndyn.errors import LearndynError
 from learndyn.losses import names as loss_names
 from learndyn.memory import reporting_oom
 
@@ -185,22 +185,11 @@ def score(
 
 def _train(phase: str, config: Optional[Path], flags: dict, resume: bool, overwrite: bool) -> None:
     """Settings from --config YAML, then the flags given on the command line, then defaults."""
-    import yaml
-
-    from learndyn.training.recipes import TrainSettings, train
+    from learndyn.training.recipes import TrainSettings, read_yaml, train
 
     _positive(flags["limit"], "--limit")
     _positive(flags["probe_limit"], "--probe-limit")
-    values: dict = {}
-    if config is not None:
-        if not config.is_file():
-            raise LearndynError(f"--config {config}: file not found")
-        try:
-            values = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise LearndynError(f"--config {config}: not valid YAML ({first_line(err)})") from None
-        if not isinstance(values, dict):
-            raise LearndynError(f"--config {config}: expected a mapping of settings")
+    values = read_yaml(config, "--config") if config is not None else {}
     values.update({k: v for k, v in flags.items() if v is not None})
     values["phase"] = phase
     settings = TrainSettings.from_dict(values)

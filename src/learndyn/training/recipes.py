@@ -140,6 +140,12 @@ class TrainSettings:
         return {"base_url": self.judge_base_url, "api_key_env": self.judge_api_key_env}
 
     @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainSettings:
+        """Settings from a YAML file (the format of RUN/config.yaml and `train --config`), with
+        `overrides` on top: `TrainSettings.from_yaml("sft.yaml", out="runs/b")`."""
+        return cls.from_dict({**read_yaml(path), **overrides})
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainSettings:
         """Build from a YAML/flags dict, naming any unknown key (`from` is accepted for from_run)."""
         values = dict(values)
@@ -450,3 +456,19 @@ def _online_dpo_trainer(settings: TrainSettings, model: Any, tokenizer: Any, pre
     return trainer_cls(model=model, ref_model=None if peft_config else _frozen_copy(model),
                        reward_funcs=make_ranker(settings), args=args, train_dataset=Dataset.from_list(prompts),
                        processing_class=tokenizer, peft_config=peft_config)
+
+
+def read_yaml(path: str | Path, what: str = "settings file") -> dict[str, Any]:
+    """A YAML mapping of settings; a missing file, bad YAML or a non-mapping is one line naming the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise LearndynError(f"{what} {path}: file not found")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise LearndynError(f"{what} {path}: not valid YAML ({first_line(err)})") from None
+    if not isinstance(values, dict):
+        raise LearndynError(f"{what} {path}: expected a mapping of settings")
+    return values
