@@ -350,3 +350,19 @@ def test_settings_load_from_yaml_for_library_users(tmp_path):
         TrainSettings.from_yaml(tmp_path / "bad.yaml")
     with pytest.raises(LearndynError, match="file not found"):
         TrainSettings.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_a_run_is_finished_with_its_final_model_or_adapter(tmp_path):
+    """compare --resume reuses finished runs: a LoRA run (adapter only, no config.json) counts too."""
+    from learndyn.training.runs import final_checkpoint, is_finished
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text("phase: sft\n")
+    assert not is_finished(run)
+    (run / "checkpoints" / "final" / "adapter_config.json").write_text("{}")
+    assert is_finished(run) and final_checkpoint(run) == run / "checkpoints" / "final"
+    (run / "config.yaml").unlink()
+    assert not is_finished(run)
+    with pytest.raises(LearndynError, match="no such run folder"):
+        final_checkpoint(tmp_path / "missing")

@@ -207,10 +207,10 @@ def _train_once(settings: Any, *, resume: bool) -> tuple[Path, bool]:
     """Train unless `resume` finds this run finished with these settings and inputs (the content of
     the data file and of the run it starts from); (run, trained now?)."""
     from learndyn.training.recipes import resume_differences, train
+    from learndyn.training.runs import is_finished
 
     run = Path(settings.out)
-    finished = (run / "checkpoints" / "final" / "config.json").is_file() and (run / "config.yaml").is_file()
-    if resume and finished and not resume_differences(settings, run):
+    if resume and is_finished(run) and not resume_differences(settings, run):
         return run, False
     return train(settings, overwrite=True), True
 

@@ -25,7 +25,7 @@ from learndyn.losses import get_loss
 from learndyn.memory import check_fits
 from learndyn.models import BUILTIN_MODEL
 from learndyn.training.inputs import data_identity, differences, identity, read_inputs
-from learndyn.training.runs import check_run_folder, is_run, read_config, start_run
+from learndyn.training.runs import check_run_folder, final_checkpoint, is_run, read_config, start_run
 
 log = logging.getLogger(__name__)
 
@@ -246,19 +246,6 @@ def resume_differences(settings: TrainSettings, run: str | Path,
                     "files are compared by path only")
     return differences(_stored_settings(Path(run)), recorded, settings.to_dict(),
                        run_inputs(settings) if inputs is None else inputs)
-
-
-def final_checkpoint(run: str | Path) -> Path:
-    """The model a finished run ended with (the start of a chained phase): a model folder, or a LoRA
-    adapter folder whose base is recorded beside it (see `learndyn.models.adapter_base`)."""
-    from learndyn.models import is_adapter
-
-    path = Path(run) / "checkpoints" / "final"
-    if not Path(run).is_dir():
-        raise LearndynError(f"--from {run}: no such run folder")
-    if not ((path / "config.json").is_file() or is_adapter(path)):
-        raise LearndynError(f"--from {run}: no final checkpoint ({path}); did that run finish with save_model on?")
-    return path
 
 
 def save_checkpoint(model: Any, tokenizer: Any, path: Path, *, base: str | Path | None = None) -> None:

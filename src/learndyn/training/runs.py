@@ -3,7 +3,8 @@
     RUN/config.yaml            the fully resolved settings (written once, atomically)
     RUN/inputs.yaml            paths and content hashes of the input files (see inputs.py)
     RUN/metrics/*.parquet      long-format probe scores, one shard per evaluation, written atomically
-    RUN/checkpoints/           optional model checkpoints (final/ holds the end of the run)
+    RUN/checkpoints/final/     the model the run ended with (a model folder, or a LoRA adapter folder
+                               with learndyn_base.json naming its base); `final_checkpoint`
     RUN/figures/, RUN/report.html, RUN/signatures.json   written by `learndyn report`
 
 A metrics row is one (phase, step, example_id, response_type) with every scorer metric, so that
@@ -43,6 +44,28 @@ def check_run_folder(run: str | Path, *, resume: bool = False, overwrite: bool =
     if overwrite and run.exists() and not is_run(run) and not _is_empty(run):
         raise LearndynError(f"{run} is not a learndyn run (no config.yaml) and is not empty; --overwrite replaces "
                             "runs only, so nothing was deleted: choose another --out")
+
+
+def final_checkpoint(run: str | Path) -> Path:
+    """The model a finished run ended with (the start of a chained phase): a model folder, or a LoRA
+    adapter folder whose base is recorded beside it (see `learndyn.models.adapter_base`). (models.py,
+    which sits below training, finds it by the same path when a run folder is given as a model.)"""
+    from learndyn.models import is_adapter
+
+    path = Path(run) / "checkpoints" / "final"
+    if not Path(run).is_dir():
+        raise LearndynError(f"--from {run}: no such run folder")
+    if not ((path / "config.json").is_file() or is_adapter(path)):
+        raise LearndynError(f"--from {run}: no final checkpoint ({path}); did that run finish with save_model on?")
+    return path
+
+
+def is_finished(run: str | Path) -> bool:
+    """A run that wrote its settings and its final model (full weights or an adapter)."""
+    try:
+        return (Path(run) / "config.yaml").is_file() and final_checkpoint(run).is_dir()
+    except LearndynError:
+        return False
 
 
 def is_run(run: str | Path) -> bool:
