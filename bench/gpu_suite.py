@@ -147,7 +147,7 @@ def bench_scoring(shape, device, dtype, tokenizer, probes, peak_flops) -> dict:
 def bench_tracking(shape, device, tokenizer, prefs, probes, steps) -> dict:
     """The same short SFT run twice; with the callback, each evaluation is timed."""
     from learndyn.training.callback import LearningDynamicsCallback
-    from learndyn.training.recipes import TrainSettings, _quiet_progress, _sft_trainer
+    from learndyn.training.recipes import TrainSettings, build_trainer, quiet_progress
 
     every = max(1, steps // 2)
     times, memory = {}, {}
@@ -158,8 +158,8 @@ def bench_tracking(shape, device, tokenizer, prefs, probes, steps) -> dict:
             settings = TrainSettings(phase="sft", data="example", probes="-", out=tmp, epochs=1, batch_size=4,
                                      learning_rate=1e-5, max_length=512, device=device)
             data = prefs[: 4 * steps]
-            trainer = _sft_trainer(settings, model, tokenizer, data, Path(tmp))
-            _quiet_progress(trainer, f"SFT {shape}")
+            trainer = build_trainer(settings, model, tokenizer, data, Path(tmp))
+            quiet_progress(trainer, f"SFT {shape}")
             trainer.args.disable_tqdm = True
             evaluations: list[float] = []
             if tracked:

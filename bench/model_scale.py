@@ -87,6 +87,8 @@ def tokenizer_of_builtin():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="135m")
+    parser.add_argument("--probe-file", type=Path, default=PROBES,
+                        help="probe file (default: the shared HH probe set, ../shared/data/hh_helpful_probes/train.jsonl)")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--types", default="chosen,rejected,other_test")
     parser.add_argument("--steps", type=int, default=2)
@@ -109,7 +111,7 @@ def main() -> None:
 
     types = args.types.split(",")
     tokenizer = tokenizer_of_builtin()
-    probes = read_probes(str(PROBES.resolve()), limit=args.prompts)
+    probes = read_probes(str(args.probe_file.resolve()), limit=args.prompts)
     update = load_preferences("example", limit=max(args.steps * 2, 1))
     n_resp = sum(len([t for t in p.responses if t in types]) for p in probes)
     sampler = PeakRSS()

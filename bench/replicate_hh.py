@@ -21,7 +21,8 @@ HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_helpful_probe
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=HH)
+    parser.add_argument("--data", type=Path, default=HH,
+                        help="HH probe file (default: ../shared/data/hh_helpful_probes/train.jsonl)")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--probes", type=int, default=16)
     parser.add_argument("--sft-epochs", type=float, default=2.0)

@@ -27,7 +27,8 @@ HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_helpful_probe
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--probes", type=Path, default=HH)
+    parser.add_argument("--probes", type=Path, default=HH,
+                        help="HH probe file (default: ../shared/data/hh_helpful_probes/train.jsonl)")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--batch-tokens", default="256,1024", help="comma-separated sizes to compare")
     parser.add_argument("--skip-plain", action="store_true", help="time only our scorer")
@@ -97,7 +98,7 @@ class PhaseTimer:
         self.cache_name = scoring.split_model(model).cache_name
 
     def __enter__(self):
-        forward, stats = self.body.forward, scoring._token_stats
+        forward, stats = self.body.forward, scoring.token_stats
 
         def timed_forward(*args, **kwargs):
             cache = kwargs.get(self.cache_name)  # the prompt pass starts from an empty cache
@@ -117,12 +118,12 @@ class PhaseTimer:
             return out
 
         self._stats = stats
-        self.body.forward, scoring._token_stats = timed_forward, timed_stats
+        self.body.forward, scoring.token_stats = timed_forward, timed_stats
         return self
 
     def __exit__(self, *exc):
         del self.body.forward  # back to the class's method
-        scoring._token_stats = self._stats
+        scoring.token_stats = self._stats
 
 
 if __name__ == "__main__":

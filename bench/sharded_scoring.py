@@ -63,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from learndyn.probes.files import Probe
-    from learndyn.scoring import METRICS, EncodedPrompt, _dealt, body_calls, score_encoded
+    from learndyn.scoring import METRICS, EncodedPrompt, dealt, body_calls, score_encoded
     from learndyn.training.callback import LearningDynamicsCallback
 
     dist.init_process_group("gloo")
@@ -98,7 +98,7 @@ def worker(args: argparse.Namespace) -> None:
     def worst(got) -> float:
         return max(float(((got[m] - want[m]).abs() / want[m].abs().clip(lower=1e-12)).max()) for m in METRICS)
 
-    calls = [body_calls([encoded[i] for i in _dealt(encoded, r, world)], 1024) for r in range(world)]
+    calls = [body_calls([encoded[i] for i in dealt(encoded, r, world)], 1024) for r in range(world)]
 
     # the callback against a training step, on the sharded model
     batch = torch.tensor([[rng.randrange(vocab) for _ in range(256)] for _ in range(2)])

@@ -17,7 +17,7 @@ from pathlib import Path
 from learndyn import build_probes, load_model, load_preferences
 from learndyn.scoring import encode_probes, score_encoded
 from learndyn.training.callback import LearningDynamicsCallback
-from learndyn.training.recipes import TrainSettings, _sft_trainer
+from learndyn.training.recipes import TrainSettings, build_trainer
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def sft_run(prefs, run: Path, callback) -> tuple[float, object, object]:
     model.config.use_cache = False
     settings = TrainSettings(phase="sft", data="example", probes="-", out=str(run), epochs=1, batch_size=8,
                              learning_rate=5e-5, max_length=256)
-    trainer = _sft_trainer(settings, model, tokenizer, prefs, run)
+    trainer = build_trainer(settings, model, tokenizer, prefs, run)
     if callback is not None:
         trainer.add_callback(callback)
     start = time.perf_counter()

@@ -156,10 +156,10 @@ def main() -> None:
 
     def padding_happens():
         """The uneven set above really makes ranks' call counts differ (so the padding is exercised)."""
-        from learndyn.scoring import _dealt, body_calls
+        from learndyn.scoring import dealt, body_calls
 
         encoded = encode_probes(probe_set(7, seed=7), tokenizer)
-        counts = [body_calls([encoded[i] for i in _dealt(encoded, r, world)], 48) for r in range(world)]
+        counts = [body_calls([encoded[i] for i in dealt(encoded, r, world)], 48) for r in range(world)]
         return None if len(set(counts)) > 1 else f"the 7-probe set needs equal calls on every rank: {counts}"
 
     check("uneven_set_needs_padding", padding_happens)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_scoring import FLOAT_METRICS, random_encoded
 
-from learndyn.dynamics.explain import _explain_mode
+from learndyn.dynamics.explain import explain_mode
 from learndyn.dynamics.sequences import (
     ResponseLogits,
     SharedPromptLogits,
@@ -118,7 +118,7 @@ def test_explainer_shared_prompt_route_equals_full_sequences(family, dtype):
     full, shared = ResponseLogits(model), SharedPromptLogits(model)
     # float64 Llama-style eager attention still takes its softmax in float32
     tol = 1e-6 if dtype == torch.float64 else 1e-4
-    with _explain_mode(model), torch.no_grad():
+    with explain_mode(model), torch.no_grad():
         batches = list(probe_batches(obs, 4096, pad=can_pad_prompts(model)))
         assert len(batches) == (1 if dtype == torch.float32 else 3)  # mixed prompt lengths, or one length each
         for groups in batches:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from learndyn.probes.files import Probe
-from learndyn.scoring import _token_stats, encode_probes, score_encoded
+from learndyn.scoring import token_stats, encode_probes, score_encoded
 
 PROBES = [
     Probe("a", "Human: How do I make tea? Assistant:", {"chosen": " Boil the water, then steep.", "rejected": " No."}),
@@ -15,7 +15,7 @@ PROBES = [
 ]
 
 
-def test_token_stats_of_bf16_logits_are_exact_to_float32():
+def testtoken_stats_of_bf16_logits_are_exact_to_float32():
     """Given the same bf16 logits, the statistics equal float64 definitions to fp32 precision: a
     bf16 log-softmax would be off by ~1e-2 here."""
     torch.manual_seed(0)
@@ -23,7 +23,7 @@ def test_token_stats_of_bf16_logits_are_exact_to_float32():
     states = (3 * torch.randn(40, 16)).to(torch.bfloat16)
     targets = torch.randint(0, 320, (40,))
     with torch.no_grad():
-        got = _token_stats(states, targets, head, chunk_rows=16)
+        got = token_stats(states, targets, head, chunk_rows=16)
         logp = head(states).double().log_softmax(-1)  # (40, V), from the very same bf16 logits
     for name, want in (("logp", logp.gather(1, targets[:, None])[:, 0]), ("argmax_logp", logp.max(-1).values),
                        ("entropy", -(logp.exp() * logp).sum(-1))):

@@ -114,7 +114,7 @@ def test_resume_reuses_finished_parts_and_redoes_what_a_changed_setting_touches(
 
 def test_resume_retrains_a_finished_run_whose_data_file_changed(tiny_folder, tmp_path):
     import learndyn.data
-    from learndyn.experiments.compare import _train_once
+    from learndyn.experiments.compare import train_once
     from learndyn.probes.build import build_probes
     from learndyn.probes.files import write_probes
     from learndyn.training.recipes import TrainSettings
@@ -125,10 +125,10 @@ def test_resume_retrains_a_finished_run_whose_data_file_changed(tiny_folder, tmp
     settings = TrainSettings(phase="sft", data=str(data), probes=str(tmp_path / "p.jsonl"), model=str(tiny_folder),
                              out=str(tmp_path / "cmp" / "baseline" / "sft"), limit=4, batch_size=4, epochs=1, every=1,
                              max_length=128)
-    run, trained = _train_once(settings, resume=False)
-    assert trained and _train_once(settings, resume=True) == (run, False)
+    run, trained = train_once(settings, resume=False)
+    assert trained and train_once(settings, resume=True) == (run, False)
     data.write_bytes(data.read_bytes().replace(b"four quarts", b"five quarts", 1))  # an edited training pair
-    assert _train_once(settings, resume=True) == (run, True)
+    assert train_once(settings, resume=True) == (run, True)
 
 
 def test_bad_held_out_data_fails_before_any_training(tiny_folder, tmp_path):
@@ -170,7 +170,7 @@ def test_on_policy_arm_sends_an_openai_judge_to_the_endpoint_the_user_named(tmp_
     monkeypatch.setenv("MY_KEY", "sk-test-0123456789")
     seen = []
     monkeypatch.setattr(compare, "_build_probes", lambda settings, path: None)
-    monkeypatch.setattr(compare, "_train_once", lambda s, resume: (seen.append(s) or Path(s.out), True))
+    monkeypatch.setattr(compare, "train_once", lambda s, resume: (seen.append(s) or Path(s.out), True))
     settings = replace(tiny_settings(tmp_path / "model", tmp_path / "out"), judge="openai:judge-model", on_policy=True)
     compare.train_arms(settings, judge_options={"base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY"})
     (on,) = [s for s in seen if s.on_policy]

@@ -5,7 +5,7 @@ import torch
 from conftest import make_tiny_tokenizer
 
 from learndyn.data import Preference
-from learndyn.dynamics.explain import _explain_mode, explain_step, predict_naive
+from learndyn.dynamics.explain import explain_mode, explain_step, predict_naive
 from learndyn.dynamics.sequences import (
     ResponseLogits,
     SharedPromptLogits,
@@ -135,7 +135,7 @@ def test_prompt_sharing_equals_full_sequences(request, fixture, budget, fused):
     full, shared = ResponseLogits(model), SharedPromptLogits(model)
     tol = 1e-12 if fixture == "tiny_gpt2" else 1e-6  # relative, in norm (Llama: float32 softmax, see above)
     try:
-        with _explain_mode(model), torch.no_grad():
+        with explain_mode(model), torch.no_grad():
             pad = can_pad_prompts(model)  # float64 eager: no (tests/test_attention_variants.py mixes lengths in float32)
             batches = list(probe_batches(obs, budget, pad=pad))
             if budget == 1:

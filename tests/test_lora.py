@@ -26,7 +26,7 @@ from learndyn.probes.build import build_probes
 from learndyn.probes.files import Probe, write_probes
 from learndyn.scoring import score_probes
 from learndyn.training.callback import LearningDynamicsCallback
-from learndyn.training.recipes import TrainSettings, _dpo_trainer, _rows, lora_config, train
+from learndyn.training.recipes import TrainSettings, build_trainer, lora_config, train, trl_rows
 from learndyn.training.runs import read_metrics
 
 LEARNDYN = str(Path(sys.executable).parent / "learndyn")
@@ -162,7 +162,7 @@ def test_dpo_reference_after_lora_sft_is_the_sft_model(tiny_folder, probe_file, 
     assert settings.learning_rate == 5e-5
     policy, tokenizer = load_model(str(sft), device="cpu", dtype="float32")
     prefs = load_preferences("example", limit=2)
-    trainer = _dpo_trainer(settings, policy, tokenizer, prefs, tmp_path / "dpo", lora_config(settings, policy))
+    trainer = build_trainer(settings, policy, tokenizer, prefs, tmp_path / "dpo", lora_config(settings, policy))
     assert trainer.ref_model is None and isinstance(trainer.model, PeftModel)
     batch = next(iter(trainer.get_train_dataloader()))
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
@@ -229,7 +229,7 @@ def test_callback_tracks_the_adapted_model_in_a_users_sft_trainer(tiny_llama, pr
     args = SFTConfig(output_dir=str(tmp_path / "ckpt"), per_device_train_batch_size=2, num_train_epochs=1,
                      learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
                      disable_tqdm=True, max_length=128)
-    rows = Dataset.from_list(_rows(load_preferences("example", limit=4), "sft"))
+    rows = Dataset.from_list(trl_rows(load_preferences("example", limit=4), "sft"))
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     trainer.add_callback(LearningDynamicsCallback(probes, out=tmp_path / "run", every=1, max_length=128))
@@ -312,7 +312,7 @@ def test_compare_passes_lora_to_every_arm_with_lora_learning_rates(tmp_path, mon
 
     trained = []
     monkeypatch.setattr(compare, "_build_probes", lambda settings, path: None)
-    monkeypatch.setattr(compare, "_train_once", lambda settings, resume: (trained.append(settings) or settings.out, True))
+    monkeypatch.setattr(compare, "train_once", lambda settings, resume: (trained.append(settings) or settings.out, True))
     settings = compare.compare_settings(True, data="example", eval_data="example:test", out=str(tmp_path), lora=True)
     compare.train_arms(settings)
     assert len(trained) == 4 and all(s.lora for s in trained)

@@ -16,7 +16,7 @@ from learndyn.errors import LearndynError
 from learndyn.judging import Judgment, LocalJudge, vote
 from learndyn.probes.files import write_probes
 from learndyn.training.online import JudgeReward, load_reward
-from learndyn.training.recipes import TrainSettings, _load_trainable, _online_dpo_trainer, train
+from learndyn.training.recipes import TrainSettings, build_trainer, load_trainable, train
 from learndyn.training.runs import read_config, read_metrics, write_config
 
 CALLS: list[dict] = []  # what `record_and_prefer_short` was called with, one entry per call
@@ -86,9 +86,9 @@ def test_reward_ranks_two_fresh_samples_per_prompt_from_the_policy(settings, tin
 
 def test_judge_ranks_pairs_and_its_tally_reaches_the_training_logs(settings, tiny_folder, tmp_path):
     values = TrainSettings(**settings, judge=f"local:{tiny_folder}")
-    model, tokenizer = _load_trainable(str(tiny_folder), "cpu")
+    model, tokenizer = load_trainable(str(tiny_folder), "cpu")
     prefs = load_preferences("example", limit=4, need_rejected=False)
-    trainer = _online_dpo_trainer(values, model, tokenizer, prefs, tmp_path / "run")
+    trainer = build_trainer(values, model, tokenizer, prefs, tmp_path / "run")
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "judge/pairs" in entry]
     assert [entry["judge/pairs"] for entry in logged] == [2.0, 4.0]  # cumulative: 2 pairs per step

@@ -15,7 +15,7 @@ from learndyn.scoring import (
     METRICS,
     EncodedPrompt,
     pack_runs,
-    _token_stats,
+    token_stats,
     encode_probes,
     score_encoded,
     score_plain,
@@ -81,13 +81,13 @@ def test_batch_size_invariance(tiny_llama):
     assert_same_scores(small, large, rtol=1e-5)
 
 
-def test_token_stats_match_float64_definitions():
+def testtoken_stats_match_float64_definitions():
     torch.manual_seed(0)
     logits = torch.randn(300, 5000) * 4
     logits[:100, 7] += 12  # peaked rows, some with the target on the peak
     targets = torch.randint(0, 5000, (300,))
     targets[:50] = 7
-    stats = _token_stats(logits, targets)
+    stats = token_stats(logits, targets)
     logp = torch.log_softmax(logits.double(), -1)
     p = logp.exp()
     expected = {
@@ -276,13 +276,13 @@ def test_body_call_plan_equals_the_calls_made(tiny_llama, batch_tokens, shares_c
 
 def test_ranks_get_balanced_tokens_even_from_a_file_sorted_by_length():
     """Dealing by size, not contiguous halves: halves of a sorted file would give one rank ~2x the work."""
-    from learndyn.scoring import _dealt
+    from learndyn.scoring import dealt
 
     def tokens(e: EncodedPrompt) -> int:
         return len(e.prompt_ids) + sum(len(ids) for _, ids, _ in e.responses)
 
     encoded = sorted(random_encoded(100, 40, seed=3), key=tokens)
-    parts = [_dealt(encoded, rank, 2) for rank in range(2)]
+    parts = [dealt(encoded, rank, 2) for rank in range(2)]
     assert sorted(parts[0] + parts[1]) == list(range(40))
     work = [sum(tokens(encoded[i]) for i in part) for part in parts]
     assert max(work) / min(work) < 1.15, work

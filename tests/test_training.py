@@ -22,7 +22,7 @@ from learndyn.errors import LearndynError
 from learndyn.probes.build import build_probes
 from learndyn.probes.files import write_probes
 from learndyn.training.callback import LearningDynamicsCallback
-from learndyn.training.recipes import TrainSettings, _rows, train
+from learndyn.training.recipes import TrainSettings, trl_rows, train
 from learndyn.training.runs import read_config, read_metrics
 
 TESTS = Path(__file__).parent
@@ -41,7 +41,7 @@ def trainer_args(config_cls, tmp_path, **extra):
 
 def chat_rows(n, kind):
     prefs = load_preferences("example", limit=n)
-    return Dataset.from_list(_rows(prefs, kind))
+    return Dataset.from_list(trl_rows(prefs, kind))
 
 
 def test_callback_in_sft_trainer_writes_a_shard_per_evaluation(tiny_llama, probes, tmp_path):
@@ -82,7 +82,7 @@ def test_callback_in_dpo_trainer(tiny_llama, probes, tmp_path):
 
 def test_extend_trains_on_two_rows_per_example():
     prefs = load_preferences("example", limit=5)
-    plain, extended = _rows(prefs, "sft"), _rows(prefs, "sft-extended")
+    plain, extended = trl_rows(prefs, "sft"), trl_rows(prefs, "sft-extended")
     assert len(extended) == 2 * len(plain)
     completions = [r["completion"][0]["content"] for r in extended]
     assert completions[:5] == [p.chosen for p in prefs] and completions[5:] == [p.rejected for p in prefs]

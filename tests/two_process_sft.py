@@ -9,14 +9,14 @@ from trl import SFTConfig, SFTTrainer
 from learndyn.data import load_preferences
 from learndyn.models import load_model
 from learndyn.training.callback import LearningDynamicsCallback
-from learndyn.training.recipes import _rows
+from learndyn.training.recipes import trl_rows
 
 model_dir, probes, run = sys.argv[1:4]
 model, tokenizer = load_model(model_dir, device="cpu")
 args = SFTConfig(output_dir=run + "-ckpt", per_device_train_batch_size=2, num_train_epochs=1, learning_rate=1e-3,
                  use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
                  max_length=256, ddp_backend="gloo")
-trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(load_preferences("example", limit=8), "sft")),
+trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(trl_rows(load_preferences("example", limit=8), "sft")),
                      processing_class=tokenizer)
 trainer.add_callback(LearningDynamicsCallback(probes, out=run, every=1))
 trainer.train()

@@ -125,7 +125,7 @@ def score_probes(
 
     `max_length` defaults to the model's context length. `batch_tokens` bounds the padded tokens of
     one forward pass; it defaults to 1024 on CPU (measured best in bench/score_throughput.py) and
-    16384 on GPU. Memory for logits stays bounded whatever it is (see `_token_stats`). In a process
+    16384 on GPU. Memory for logits stays bounded whatever it is (see `token_stats`). In a process
     group, call it on every rank with the same probes: see `score_encoded` for `across_ranks`.
     """
     check_max_length(max_length)
@@ -176,7 +176,7 @@ def score_encoded(
     if across_ranks is None:
         across_ranks = world > 1 and is_fsdp2(model)
     across_ranks = across_ranks and world > 1
-    mine = _dealt(encoded, rank, world) if across_ranks else list(range(len(encoded)))
+    mine = dealt(encoded, rank, world) if across_ranks else list(range(len(encoded)))
     part = [encoded[i] for i in mine]
 
     results: dict[tuple[int, int], dict[str, float]] = {}
@@ -195,7 +195,7 @@ def score_encoded(
                     results[key] = stats
                     advance(1)
             if across_ranks and is_fsdp2(model):  # every rank makes as many forward calls as the busiest one
-                most = max(body_calls([encoded[i] for i in _dealt(encoded, r, world)], batch_tokens, pad=pad,
+                most = max(body_calls([encoded[i] for i in dealt(encoded, r, world)], batch_tokens, pad=pad,
                                       shares_cache=shares) for r in range(world))
                 for _ in range(most - (split.calls - before)):
                     split.idle()
@@ -211,7 +211,7 @@ def score_encoded(
     return pd.DataFrame(rows, columns=["example_id", "response_type", *METRICS, "truncated"])
 
 
-def _dealt(encoded: Sequence[EncodedPrompt], rank: int, world: int) -> list[int]:
+def dealt(encoded: Sequence[EncodedPrompt], rank: int, world: int) -> list[int]:
     """The prompts (indices, ascending) that `rank` scores: dealt round-robin in order of their tokens
     (prompt and responses), so that every rank gets the same mix of sizes whatever the file's order.
     On random probes this kept ranks' tokens within 3-7% of each other, where halves of a file sorted
@@ -471,7 +471,7 @@ def _score_alone(model: Any, prompts: list[EncodedPrompt], index: list[int], bat
             states, _ = split.body(input_ids=seq, use_cache=False)
             states = states[0, len(p.prompt_ids) - 1:]  # (R, D): the positions that predict the response
             n = torch.tensor([len(ids)], device=device)
-            token = _token_stats(states, torch.tensor(ids, device=device), split.head, 2048 if on_gpu else _STATS_CHUNK)
+            token = token_stats(states, torch.tensor(ids, device=device), split.head, 2048 if on_gpu else _STATS_CHUNK)
             yield (index[b], j), _per_response(token, torch.zeros(len(ids), dtype=torch.long, device=device), n)[0]
 
 
@@ -499,10 +499,10 @@ def _score_responses(split: ModelSplit, cache, last, prompt_mask, prompt_lengths
         states = torch.cat([states, rest[resp_mask]])  # (N, D): first tokens, then the rest, real positions only
         segment = torch.cat([segment, segment[:, None].expand(-1, width)[resp_mask]])
         flat_targets = torch.cat([flat_targets, targets[:, 1:][resp_mask]])
-    return _per_response(_token_stats(states, flat_targets, split.head, chunk_rows), segment, n)
+    return _per_response(token_stats(states, flat_targets, split.head, chunk_rows), segment, n)
 
 
-def _token_stats(
+def token_stats(
     states: torch.Tensor,
     targets: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor] = lambda z: z,

@@ -125,7 +125,7 @@ def explain_step(
     check_fits(model, "explain", tokens=chunk_tokens, causes=_n_causes(spec.pairwise, rule, state))
     sink = positions_sink(positions_out)
 
-    with _explain_mode(model), _explain_mode(ref_model):
+    with explain_mode(model), explain_mode(ref_model):
         t0 = time.perf_counter()
         grads, update_info = _update_gradients(ResponseLogits(model), params, upd, spec, beta, ref_model)
         full = {n: sum(part[n] for part in grads.values()) for n in params}
@@ -188,7 +188,7 @@ def predict_naive(model: Any, tokenizer: Any, probes: Sequence[Probe], delta: di
     head = ResponseLogits(model)
     params = {n: p for n, p in model.named_parameters() if n in delta}
     rows = []
-    with _explain_mode(model), torch.enable_grad():
+    with explain_mode(model), torch.enable_grad():
         for i, key in enumerate(obs.keys):
             ids, mask, r, c, labels, seq = full_inputs(obs, [i], model.device)
             logp = sequence_logps(head(ids, mask, r, c), labels, seq, 1)[0]
@@ -410,7 +410,7 @@ def rank_correlation(a: Any, b: Any) -> float | None:
 
 
 @contextmanager
-def _explain_mode(model: Any) -> Iterator[None]:
+def explain_mode(model: Any) -> Iterator[None]:
     """Dropout off, eager attention (sdpa has no forward-mode AD rule) and eager mixture-of-experts
     layers (nor has grouped_mm: Mixtral, GPT-OSS); all restored after."""
     if model is None:

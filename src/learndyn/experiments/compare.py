@@ -180,7 +180,7 @@ def train_arms(settings: CompareSettings, *, resume: bool = False, console: Cons
                 "dpo": f"DPO from the SFT model, beta {settings.beta}",
                 "dpo-on-policy": "on-policy DPO from the baseline SFT model"}[phase]
         console.print(f"[bold][{number}/{len(plan)}] {arm} {phase}[/bold] ({what})")
-        run, trained = _train_once(train_settings, resume=resume and not retrained & {f"{arm}/sft"})
+        run, trained = train_once(train_settings, resume=resume and not retrained & {f"{arm}/sft"})
         if trained:
             retrained.add(f"{arm}/{phase}")
         else:
@@ -203,7 +203,7 @@ def _build_probes(settings: CompareSettings, path: Path) -> None:
     write_probes(probes, path)
 
 
-def _train_once(settings: Any, *, resume: bool) -> tuple[Path, bool]:
+def train_once(settings: Any, *, resume: bool) -> tuple[Path, bool]:
     """Train unless `resume` finds this run finished with these settings and inputs (the content of
     the data file and of the run it starts from); (run, trained now?)."""
     from learndyn.training.recipes import resume_differences, train

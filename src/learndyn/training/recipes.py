@@ -188,7 +188,7 @@ def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = Fa
         if differ:
             raise LearndynError(f"{run} was made with other settings; --resume needs the same ones (or use "
                                 f"--overwrite): {'; '.join(differ)}")
-    model, tokenizer = _load_trainable(start, settings.device)  # a wrong --model fails before anything is removed
+    model, tokenizer = load_trainable(start, settings.device)  # a wrong --model fails before anything is removed
     peft_config = lora_config(settings, model) if settings.lora else None  # so does a --lora-targets matching nothing
     if not settings.lora:  # gradients and AdamW moments of every weight; a LoRA adapter's are small
         check_fits(model, "train", tokens=settings.batch_size * settings.max_length)
@@ -199,11 +199,11 @@ def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = Fa
     if cut:
         log.warning(f"{run}: {cut} of {len(prefs)} prompts are too long for max_length {settings.max_length} "
                     "with their responses; each keeps its last tokens")
-    trainer = _make_trainer(settings)(settings, model, tokenizer, prefs, run, peft_config)
+    trainer = build_trainer(settings, model, tokenizer, prefs, run, peft_config)
     callback = LearningDynamicsCallback(probes, run, every=settings.every, phase=settings.phase, tokenizer=tokenizer,
                                         trainer=trainer, max_length=settings.max_length)
     trainer.add_callback(callback)
-    _quiet_progress(trainer, f"{settings.phase.upper()}{' (extended)' if settings.extend else ''}"
+    quiet_progress(trainer, f"{settings.phase.upper()}{' (extended)' if settings.extend else ''}"
                              f"{' (on-policy)' if settings.on_policy else ''}")
     trainer.train()
     if callback.nan_step is not None:
@@ -299,7 +299,7 @@ def _starting_point(settings: TrainSettings) -> str:
     return str(final_checkpoint(settings.from_run)) if settings.from_run else settings.model
 
 
-def _load_trainable(name: str, device: str | None) -> tuple[Any, Any]:
+def load_trainable(name: str, device: str | None) -> tuple[Any, Any]:
     """Weights in fp32 for training (mixed precision on GPU comes from the trainer's bf16 flag)."""
     from learndyn.models import load_model
 
@@ -329,7 +329,7 @@ def _training_args(config_cls: type, settings: TrainSettings, run: Path, model: 
     )
 
 
-def _quiet_progress(trainer: Any, label: str) -> None:
+def quiet_progress(trainer: Any, label: str) -> None:
     """A rich step bar instead of transformers' tqdm bar, which also prints every log dict."""
     from rich.console import Console
     from rich.progress import Progress
@@ -355,7 +355,7 @@ def _quiet_progress(trainer: Any, label: str) -> None:
     trainer.add_callback(StepBar())
 
 
-def _rows(prefs: list, kind: str) -> list[dict[str, Any]]:
+def trl_rows(prefs: list, kind: str) -> list[dict[str, Any]]:
     """TRL dataset rows: prompt/completion for SFT, prompt/chosen/rejected for DPO."""
     chat = {not isinstance(p.prompt, str) for p in prefs}
     if len(chat) > 1:
@@ -377,17 +377,19 @@ def _sft_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: lis
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    rows = _rows(prefs, "sft-extended" if settings.extend else "sft")
+    rows = trl_rows(prefs, "sft-extended" if settings.extend else "sft")
     args = _training_args(SFTConfig, settings, run, model, completion_only_loss=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=peft_config)
     return _warn_dropped(trainer, len(rows), run)
 
 
-def _make_trainer(settings: TrainSettings) -> Any:
-    if settings.phase == "sft":
-        return _sft_trainer
-    return _online_dpo_trainer if settings.on_policy else _dpo_trainer
+def build_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: list, run: str | Path,
+                  peft_config: Any = None) -> Any:
+    """The TRL trainer `train` runs for these settings (SFTTrainer, DPOTrainer or OnlineDPOTrainer),
+    not yet started and without the callback: for benchmarks and for code that drives it itself."""
+    kind = "sft" if settings.phase == "sft" else "online-dpo" if settings.on_policy else "dpo"
+    return _TRAINERS[kind](settings, model, tokenizer, prefs, Path(run), peft_config)
 
 
 def _frozen_copy(model: Any) -> Any:
@@ -407,7 +409,7 @@ def _dpo_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: lis
 
     args = _training_args(DPOConfig, settings, run, model, beta=settings.beta, loss_type=settings.loss)
     trainer = DPOTrainer(model=model, ref_model=None if peft_config else _frozen_copy(model), args=args,
-                         train_dataset=Dataset.from_list(_rows(prefs, "dpo")), processing_class=tokenizer,
+                         train_dataset=Dataset.from_list(trl_rows(prefs, "dpo")), processing_class=tokenizer,
                          peft_config=peft_config)
     return _warn_dropped(trainer, len(prefs), run)
 
@@ -439,7 +441,7 @@ def _online_dpo_trainer(settings: TrainSettings, model: Any, tokenizer: Any, pre
     args = _training_args(config_cls, settings, run, model, beta=settings.beta, loss_type=settings.loss,
                           max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                           **{checkpointing: False})
-    prompts = [{"prompt": row["prompt"]} for row in _rows(prefs, "sft")]  # _rows refuses mixed prompt kinds
+    prompts = [{"prompt": row["prompt"]} for row in trl_rows(prefs, "sft")]  # _rows refuses mixed prompt kinds
     return trainer_cls(model=model, ref_model=None if peft_config else _frozen_copy(model),
                        reward_funcs=make_ranker(settings), args=args, train_dataset=Dataset.from_list(prompts),
                        processing_class=tokenizer, peft_config=peft_config)
@@ -459,3 +461,6 @@ def read_yaml(path: str | Path, what: str = "settings file") -> dict[str, Any]:
     if not isinstance(values, dict):
         raise LearndynError(f"{what} {path}: expected a mapping of settings")
     return values
+
+
+_TRAINERS = {"sft": _sft_trainer, "dpo": _dpo_trainer, "online-dpo": _online_dpo_trainer}
