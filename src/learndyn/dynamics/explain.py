@@ -50,7 +50,7 @@ from learndyn.dynamics.sequences import (
     probe_batches,
     probe_sequences,
 )
-from learndyn.dynamics.updates import OptimizerRule, clip_coefficient, plan_step
+from learndyn.dynamics.updates import OptimizerRule, plan_step
 from learndyn.errors import LearndynError
 from learndyn.losses import Loss, get_loss
 from learndyn.models import eval_mode
@@ -129,9 +129,9 @@ def explain_step(
         t0 = time.perf_counter()
         grads, update_info = _update_gradients(ResponseLogits(model), params, upd, spec, beta, ref_model)
         full = {n: sum(part[n] for part in grads.values()) for n in params}
-        update_info["clip_coefficient"] = clip_coefficient(full, rule.max_grad_norm)  # 1: the clip did not bite
         step = plan_step(rule, {n: p.detach() for n, p in params.items()}, full,
                          {f"lm.{n}": s for n, s in (state or {}).items()})
+        update_info["clip_coefficient"] = step.clip  # 1: the clip did not bite
         tangents = {f"from_{side}": step.apply(g) for side, g in grads.items()}  # Δθ by cause
         del grads
         if step.offset is not None:

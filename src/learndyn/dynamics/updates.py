@@ -61,6 +61,7 @@ class Step:
 
     scale: dict[str, Tensor | float]
     offset: dict[str, Tensor] | None
+    clip: float = 1.0  # the gradient-norm clipping factor folded into `scale` (1: no clip bit)
 
     def apply(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
         """scale ⊙ g: the part of Δθ caused by the gradient `grads` (a part of the full gradient)."""
@@ -99,7 +100,7 @@ def plan_step(rule: OptimizerRule, params: dict[str, Tensor], grad: dict[str, Te
             offset[n] = offset.get(n, 0) + scale[n] * l2 * params[n].detach()
     offset = {n: o for n, o in offset.items() if torch.is_tensor(o)}
     has_offset = any(bool(o.any()) for o in offset.values())
-    return Step({n: s * clip for n, s in scale.items()}, offset if has_offset else None)
+    return Step({n: s * clip for n, s in scale.items()}, offset if has_offset else None, clip)
 
 
 def clip_coefficient(grad: dict[str, Tensor], max_norm: float | None) -> float:
