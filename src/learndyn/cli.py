@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,6 +20,8 @@ from learndyn.atomic import check_writable, describe_os_error
 from learndyn.errors import LearndynError
 from learndyn.losses import names as loss_names
 from learndyn.memory import reporting_oom
+from learndyn.openai_chat import Endpoint
+from learndyn.settings import option_help
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
                   help="Measure and explain the learning dynamics of LLM finetuning.")
@@ -32,6 +35,16 @@ out = Console(width=None if sys.stdout.isatty() else 130)  # full tables when pi
 ModelOpt = Annotated[str, typer.Option("--model", help="Hub id, local folder, .gguf file, the built-in name, a LoRA adapter folder or a run folder (its final checkpoint).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: GPU if present).")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU).")]
+# The OpenAI-compatible endpoint of a judge or rephraser (openai_chat.Endpoint holds defaults and help).
+BaseUrlOpt = Annotated[Optional[str], typer.Option(help=option_help(Endpoint, "base_url"))]
+ApiKeyEnvOpt = Annotated[Optional[str], typer.Option(help=option_help(Endpoint, "api_key_env"))]
+RateLimitOpt = Annotated[Optional[float], typer.Option(help=option_help(Endpoint, "rate_limit"))]
+
+
+def _endpoint(base_url: str | None, api_key_env: str | None, rate_limit: float | None) -> dict:
+    """The endpoint options given, the defaults for the rest."""
+    given = dict(base_url=base_url, api_key_env=api_key_env, rate_limit=rate_limit)
+    return asdict(Endpoint(**{k: v for k, v in given.items() if v is not None}))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -93,9 +106,8 @@ def probes_build(
     rephraser: Annotated[str, typer.Option(help="Backend for rephrases missing from the data: none, local or openai.")] = "none",
     model: Annotated[Optional[str], typer.Option(help="Add the model's own greedy response ('greedy') using this model.")] = None,
     rephrase_model: Annotated[str, typer.Option(help="Chat model of the 'local' rephraser.")] = "smollm2-135m-instruct",
-    base_url: Annotated[str, typer.Option(help="Endpoint of the 'openai' rephraser (any OpenAI-compatible API).")] = "https://api.openai.com/v1",
     api_model: Annotated[str, typer.Option(help="Model name for the 'openai' rephraser.")] = "gpt-4o-mini",
-    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
+    base_url: BaseUrlOpt = None, api_key_env: ApiKeyEnvOpt = None, rate_limit: RateLimitOpt = None,
     greedy_tokens: Annotated[int, typer.Option(help="Longest greedy response, in tokens.")] = 64,
     resume: Annotated[bool, typer.Option(help="Keep the rows already in --out and build the rest.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
@@ -123,7 +135,7 @@ def probes_build(
         lm, tok = load_model(rephrase_model, device=device, dtype=dtype)
         backend = make_rephraser("local", model=lm, tokenizer=tok)
     elif rephraser == "openai":
-        backend = make_rephraser("openai", base_url=base_url, model=api_model, api_key_env=api_key_env)
+        backend = make_rephraser("openai", model=api_model, **_endpoint(base_url, api_key_env, rate_limit))
     policy_model = tokenizer = None
     if model:
         from learndyn.models import load_model
@@ -209,25 +221,32 @@ def _shards(metrics: Path) -> int:
     return len(list(metrics.glob("*.parquet"))) if metrics.is_dir() else 0
 
 
-DataOpt = Annotated[Optional[str], typer.Option(help="Training preference data (see `probes build --data`).")]
-ProbesOpt = Annotated[Optional[str], typer.Option(help="Probe file to track.")]
-RunOpt = Annotated[Optional[str], typer.Option("--out", help="Run folder.")]
+def _train_help(name: str) -> str:
+    from learndyn.training.recipes import TrainSettings
+
+    return option_help(TrainSettings, name)
+
+
+DataOpt = Annotated[Optional[str], typer.Option(help=_train_help("data"))]
+ProbesOpt = Annotated[Optional[str], typer.Option(help=_train_help("probes"))]
+RunOpt = Annotated[Optional[str], typer.Option("--out", help=_train_help("out"))]
 ConfigOpt = Annotated[Optional[Path], typer.Option(help="YAML file of settings; flags override it.")]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default: 2e-5 SFT, 5e-6 DPO; with --lora 2e-4 SFT, 5e-5 DPO).")]
-EpochsOpt = Annotated[Optional[float], typer.Option(help="Passes over the data (default 2).")]
-BatchOpt = Annotated[Optional[int], typer.Option(help="Examples per optimizer step (default 8).")]
-EveryOpt = Annotated[Optional[int], typer.Option(help="Score probes every N optimizer steps (default 2).")]
-LimitOpt = Annotated[Optional[int], typer.Option(help="Train on the first N examples only.")]
-ProbeLimitOpt = Annotated[Optional[int], typer.Option(help="Track the first N probe prompts only.")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Seed (default 0).")]
-MaxLenOpt = Annotated[Optional[int], typer.Option(help="Tokens per sequence (default 512); a longer prompt keeps its last tokens.")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help=_train_help("learning_rate"))]
+EpochsOpt = Annotated[Optional[float], typer.Option(help=_train_help("epochs"))]
+BatchOpt = Annotated[Optional[int], typer.Option(help=_train_help("batch_size"))]
+EveryOpt = Annotated[Optional[int], typer.Option(help=_train_help("every"))]
+LimitOpt = Annotated[Optional[int], typer.Option(help=_train_help("limit"))]
+ProbeLimitOpt = Annotated[Optional[int], typer.Option(help=_train_help("probe_limit"))]
+SeedOpt = Annotated[Optional[int], typer.Option(help=_train_help("seed"))]
+MaxLenOpt = Annotated[Optional[int], typer.Option(help=_train_help("max_length"))]
+TrainDeviceOpt = Annotated[Optional[str], typer.Option(help=_train_help("device"))]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue a run folder that holds metrics (same settings and input files).")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace a run (its metrics, checkpoints and report); a folder that is not a run is refused.")]
-LoraOpt = Annotated[Optional[bool], typer.Option("--lora/--full", help="Train a LoRA adapter (peft) and save only it, or all weights (default --full).")]
-LoraROpt = Annotated[Optional[int], typer.Option(help="LoRA rank (default 16).")]
-LoraAlphaOpt = Annotated[Optional[int], typer.Option(help="LoRA alpha; the adapter's update is scaled by alpha/r (default 32).")]
-LoraTargetsOpt = Annotated[Optional[str], typer.Option(help="Modules given adapters: all-linear or comma-separated names, e.g. q_proj,v_proj (default all-linear).")]
-LoraDropoutOpt = Annotated[Optional[float], typer.Option(help="Dropout on the adapter's input (default 0).")]
+LoraOpt = Annotated[Optional[bool], typer.Option("--lora/--full", help=_train_help("lora"))]
+LoraROpt = Annotated[Optional[int], typer.Option(help=_train_help("lora_r"))]
+LoraAlphaOpt = Annotated[Optional[int], typer.Option(help=_train_help("lora_alpha"))]
+LoraTargetsOpt = Annotated[Optional[str], typer.Option(help=_train_help("lora_targets"))]
+LoraDropoutOpt = Annotated[Optional[float], typer.Option(help=_train_help("lora_dropout"))]
 
 
 def _lora_flags(lora, lora_r, lora_alpha, lora_targets, lora_dropout) -> dict:
@@ -237,11 +256,11 @@ def _lora_flags(lora, lora_r, lora_alpha, lora_targets, lora_dropout) -> dict:
 @train_app.command("sft")
 def train_sft(
     data: DataOpt = None, probes: ProbesOpt = None, out_dir: RunOpt = None, config: ConfigOpt = None,
-    model: Annotated[Optional[str], typer.Option(help="Starting model (default: the built-in one).")] = None,
-    extend: Annotated[Optional[bool], typer.Option("--extend/--no-extend", help="Also train on rejected responses (the paper's dataset extension).")] = None,
+    model: Annotated[Optional[str], typer.Option(help=_train_help("model"))] = None,
+    extend: Annotated[Optional[bool], typer.Option("--extend/--no-extend", help=_train_help("extend"))] = None,
     lr: LrOpt = None, epochs: EpochsOpt = None, batch_size: BatchOpt = None, every: EveryOpt = None,
     limit: LimitOpt = None, probe_limit: ProbeLimitOpt = None, seed: SeedOpt = None, max_length: MaxLenOpt = None,
-    device: DeviceOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+    device: TrainDeviceOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
     lora: LoraOpt = None, lora_r: LoraROpt = None, lora_alpha: LoraAlphaOpt = None, lora_targets: LoraTargetsOpt = None,
     lora_dropout: LoraDropoutOpt = None,
 ) -> None:
@@ -255,20 +274,20 @@ def train_sft(
 @train_app.command("dpo")
 def train_dpo(
     data: DataOpt = None, probes: ProbesOpt = None, out_dir: RunOpt = None, config: ConfigOpt = None,
-    model: Annotated[Optional[str], typer.Option(help="Starting model, unless --from is given.")] = None,
-    from_run: Annotated[Optional[str], typer.Option("--from", help="Start from this run's final checkpoint.")] = None,
-    loss: Annotated[Optional[str], typer.Option(help=f"TRL loss type: {', '.join(loss_names(pairwise=True))} (default sigmoid, i.e. DPO).")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="DPO beta (default 0.1).")] = None,
+    model: Annotated[Optional[str], typer.Option(help=_train_help("model"))] = None,
+    from_run: Annotated[Optional[str], typer.Option("--from", help=_train_help("from_run"))] = None,
+    loss: Annotated[Optional[str], typer.Option(help=f"{', '.join(loss_names(pairwise=True))}: " + _train_help("loss"))] = None,
+    beta: Annotated[Optional[float], typer.Option(help=_train_help("beta"))] = None,
     lr: LrOpt = None, epochs: EpochsOpt = None, batch_size: BatchOpt = None, every: EveryOpt = None,
     limit: LimitOpt = None, probe_limit: ProbeLimitOpt = None, seed: SeedOpt = None, max_length: MaxLenOpt = None,
-    device: DeviceOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
-    on_policy: Annotated[Optional[bool], typer.Option("--on-policy/--off-policy", help="Each step, sample two responses per prompt from the current model and train on them, ranked (default: off-policy, the data's pairs).")] = None,
-    judge: Annotated[Optional[str], typer.Option(help="Ranks the two samples (--on-policy): local, local:MODEL or openai:MODEL (default local).")] = None,
-    reward: Annotated[Optional[str], typer.Option(help="MODULE:FUNCTION, a TRL-style reward function ranking the samples instead of the judge; imports Python code (the current folder is searched).")] = None,
-    base_url: Annotated[Optional[str], typer.Option(help="Endpoint of an openai judge (--on-policy; default https://api.openai.com/v1).")] = None,
-    api_key_env: Annotated[Optional[str], typer.Option(help="Environment variable holding the openai judge's API key (default OPENAI_API_KEY; only its name is saved).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest sampled response, in tokens (--on-policy; default 64).")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (--on-policy; default 1.0).")] = None,
+    device: TrainDeviceOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+    on_policy: Annotated[Optional[bool], typer.Option("--on-policy/--off-policy", help=_train_help("on_policy"))] = None,
+    judge: Annotated[Optional[str], typer.Option(help=_train_help("judge"))] = None,
+    reward: Annotated[Optional[str], typer.Option(help=_train_help("reward"))] = None,
+    base_url: Annotated[Optional[str], typer.Option(help=_train_help("judge_base_url"))] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(help=_train_help("judge_api_key_env"))] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help=_train_help("max_new_tokens"))] = None,
+    temperature: Annotated[Optional[float], typer.Option(help=_train_help("temperature"))] = None,
     lora: LoraOpt = None, lora_r: LoraROpt = None, lora_alpha: LoraAlphaOpt = None, lora_targets: LoraTargetsOpt = None,
     lora_dropout: LoraDropoutOpt = None,
 ) -> None:
@@ -332,38 +351,47 @@ def demo(
     out.print(f"report: {page.resolve()}")
 
 
+def _explain_help(name: str) -> str:
+    from learndyn.experiments.explain import ExplainSettings
+
+    return option_help(ExplainSettings, name)
+
+
 @app.command()
 def explain(
-    update: Annotated[str, typer.Option(help="Preference data holding the update batch (any format `probes build` reads).")],
-    probes: Annotated[str, typer.Option(help="Probe file whose responses are explained.")],
+    update: Annotated[str, typer.Option(help=_explain_help("update"))],
+    probes: Annotated[str, typer.Option(help=_explain_help("probes"))],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for changes.parquet, positions.parquet, summary.json and figures.")] = Path("learndyn-explain"),
-    model: ModelOpt = "smollm2-135m-instruct",
-    rows: Annotated[str, typer.Option(help="Rows of UPDATE that form the batch, numbered from 0: '0' or '0,3'.")] = "0",
-    loss: Annotated[str, typer.Option(help=f"{', '.join(loss_names(explained=True))} (TRL's names; dpo = sigmoid).")] = "sft",
-    optimizer: Annotated[str, typer.Option(help="sgd, adam, adamw or rmsprop (fresh state).")] = "sgd",
-    lr: Annotated[float, typer.Option(help="Learning rate of the step.")] = 1e-4,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (decoupled for adamw, L2 otherwise, as torch.optim).")] = 0.0,
-    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient's norm first, as the transformers Trainer does; 0: no clipping.")] = 1.0,
-    beta: Annotated[float, typer.Option(help="beta of dpo, ipo and hinge.")] = 0.1,
-    ref_model: Annotated[Optional[str], typer.Option(help="Reference model of dpo/ipo/hinge (default: the model itself).")] = None,
-    on_policy: Annotated[bool, typer.Option(help="Use the model's own greedy response as each row's rejected response.")] = False,
-    types: Annotated[Optional[str], typer.Option(help="Only these response types, comma-separated.")] = None,
-    probe_limit: Annotated[Optional[int], typer.Option(help="Use only the first N probe rows.")] = None,
-    chunk_tokens: Annotated[int, typer.Option(help="Probe tokens per pass; lower it if memory runs short.")] = 1024,
-    tokenizer: Annotated[Optional[str], typer.Option(help="A tokenizer other than the model's own.")] = None,
+    model: Annotated[Optional[str], typer.Option(help=_explain_help("model"))] = None,
+    rows: Annotated[Optional[str], typer.Option(help=_explain_help("rows"))] = None,
+    loss: Annotated[Optional[str], typer.Option(help=f"{', '.join(loss_names(explained=True))}: " + _explain_help("loss"))] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help=_explain_help("optimizer"))] = None,
+    lr: Annotated[Optional[float], typer.Option(help=_explain_help("lr"))] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help=_explain_help("weight_decay"))] = None,
+    max_grad_norm: Annotated[Optional[float], typer.Option(help=_explain_help("max_grad_norm"))] = None,
+    beta: Annotated[Optional[float], typer.Option(help=_explain_help("beta"))] = None,
+    ref_model: Annotated[Optional[str], typer.Option(help=_explain_help("ref_model"))] = None,
+    on_policy: Annotated[Optional[bool], typer.Option("--on-policy", help=_explain_help("on_policy"))] = None,
+    types: Annotated[Optional[str], typer.Option(help=_explain_help("types"))] = None,
+    probe_limit: Annotated[Optional[int], typer.Option(help=_explain_help("probe_limit"))] = None,
+    chunk_tokens: Annotated[Optional[int], typer.Option(help=_explain_help("chunk_tokens"))] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help=_explain_help("tokenizer"))] = None,
     device: DeviceOpt = None,
-    dtype: Annotated[str, typer.Option(help="float32 (default: first-order agreement needs it) or bfloat16.")] = "float32",
+    dtype: Annotated[Optional[str], typer.Option(help=_explain_help("dtype"))] = None,
 ) -> None:
     """Explain one update step: predicted vs actual change of every probe response, split into the
     parts caused by the chosen and the rejected residual, and where the probability mass went."""
     from learndyn.experiments.explain import ExplainSettings, run_explain
 
-    settings = ExplainSettings(
-        update=update, probes=probes, model=model, rows=_int_list(rows, "--rows"), loss=loss, optimizer=optimizer,
-        lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, beta=beta, ref_model=ref_model,
-        on_policy=on_policy, types=_names(types),
-        probe_limit=_positive(probe_limit, "--probe-limit"),
-        chunk_tokens=_positive(chunk_tokens, "--chunk-tokens"), tokenizer=tokenizer, device=device, dtype=dtype)
+    given = dict(model=model, rows=rows and _int_list(rows, "--rows"), loss=loss, optimizer=optimizer, lr=lr,
+                 weight_decay=weight_decay, max_grad_norm=max_grad_norm, beta=beta, ref_model=ref_model,
+                 on_policy=on_policy, types=_names(types), probe_limit=_positive(probe_limit, "--probe-limit"),
+                 chunk_tokens=_positive(chunk_tokens, "--chunk-tokens"), tokenizer=tokenizer, device=device,
+                 dtype=dtype)
+    given = {k: v for k, v in given.items() if v is not None}
+    if max_grad_norm == 0:
+        given["max_grad_norm"] = None  # no clipping
+    settings = ExplainSettings(update=update, probes=probes, **given)
     check_writable(out_dir)
     with reporting_oom("explain"):
         result = run_explain(settings, out_dir)
@@ -488,9 +516,7 @@ def judge(
     b_file: Annotated[Path, typer.Argument(help="Response file B, with the same prompts in the same order.")],
     out_path: Annotated[Path, typer.Option("--out", help="Verdict file (JSONL, one row per pair); verdicts already in it are reused.")],
     judge_spec: Annotated[str, typer.Option("--judge", help="openai:MODEL (any OpenAI-compatible endpoint) or local[:MODEL] (a local chat model's p(A) vs p(B)).")] = "local",
-    base_url: Annotated[str, typer.Option(help="Endpoint of an openai judge.")] = "https://api.openai.com/v1",
-    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the openai judge's API key.")] = "OPENAI_API_KEY",
-    rate_limit: Annotated[Optional[float], typer.Option(help="At most this many requests per second (openai judge).")] = None,
+    base_url: BaseUrlOpt = None, api_key_env: ApiKeyEnvOpt = None, rate_limit: RateLimitOpt = None,
     max_pairs: Annotated[Optional[int], typer.Option(help="Judge only the first N pairs.")] = None,
     workers: Annotated[int, typer.Option(help="Requests at once (openai judge).")] = 4,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (local judge).")] = 8,
@@ -503,8 +529,8 @@ def judge(
     from learndyn.judging import judge_files, make_judge, win_rate
 
     check_writable(out_path.parent)
-    judge_ = make_judge(judge_spec, base_url=base_url, api_key_env=api_key_env, rate_limit=rate_limit,
-                        workers=workers, batch_size=batch_size, tie_margin=tie_margin, device=device, dtype=dtype)
+    judge_ = make_judge(judge_spec, **_endpoint(base_url, api_key_env, rate_limit), workers=workers,
+                        batch_size=batch_size, tie_margin=tie_margin, device=device, dtype=dtype)
     result = judge_files(a_file, b_file, judge_, out_path, max_pairs=_positive(max_pairs, "--max-pairs"),
                          overwrite=overwrite)
     rate = win_rate(result.rows)
@@ -519,45 +545,50 @@ def judge(
                   f"{rate['ci_high']:.3f}] (ties count half; unparsed left out)", highlight=False)
 
 
+def _compare_help(name: str) -> str:
+    from learndyn.experiments.compare import QUICK, CompareSettings
+
+    return option_help(CompareSettings, name, quick=QUICK)
+
+
 @app.command()
 def compare(
-    data: Annotated[str, typer.Option(help="Training preference data (see `probes build --data`); a row range splits a file, e.g. data.jsonl[:400].")],
-    eval_data: Annotated[str, typer.Option(help="Held-out preference data: prompts to answer, chosen responses to score (e.g. example:test, data.jsonl[400:]).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for probes, runs, responses, verdicts, summary.json and report.html.")] = Path("learndyn-compare"),
+    data: Annotated[str, typer.Option(help=_compare_help("data"))],
+    eval_data: Annotated[str, typer.Option(help=_compare_help("eval_data"))],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help=_compare_help("out"))] = None,
     model: ModelOpt = "smollm2-135m-instruct",
-    judge_spec: Annotated[str, typer.Option("--judge", help="openai:MODEL or local[:MODEL] (see `learndyn judge`).")] = "local",
+    judge_spec: Annotated[Optional[str], typer.Option("--judge", help=_compare_help("judge"))] = None,
     quick: Annotated[bool, typer.Option(help="Small sizes (16 pairs, 2 SFT epochs, 1 DPO epoch, 64-token answers).")] = False,
-    on_policy: Annotated[bool, typer.Option(help="Add an arm: the baseline SFT model trained by on-policy DPO.")] = False,
-    examples: Annotated[Optional[int], typer.Option(help="Training pairs (default 32; 16 with --quick).")] = None,
-    eval_n: Annotated[Optional[int], typer.Option(help="Answer only the first N held-out prompts.")] = None,
-    sft_epochs: Annotated[Optional[float], typer.Option(help="SFT epochs (default 3; 2 with --quick).")] = None,
-    dpo_epochs: Annotated[Optional[float], typer.Option(help="DPO epochs (default 2; 1 with --quick).")] = None,
-    sft_lr: Annotated[Optional[float], typer.Option(help="SFT learning rate (default 5e-5; 5e-4 with --lora).")] = None,
-    dpo_lr: Annotated[Optional[float], typer.Option(help="DPO learning rate (default 2e-5; 2e-4 with --lora).")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="DPO beta (default 0.1).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer, in tokens (default 96; 64 with --quick).")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Tokens per training sequence and scored response (default 256).")] = None,
-    seed: SeedOpt = None,
-    base_url: Annotated[str, typer.Option(help="Endpoint of an openai judge.")] = "https://api.openai.com/v1",
-    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the openai judge's API key.")] = "OPENAI_API_KEY",
-    rate_limit: Annotated[Optional[float], typer.Option(help="At most this many requests per second (openai judge).")] = None,
+    on_policy: Annotated[bool, typer.Option(help=_compare_help("on_policy"))] = False,
+    examples: Annotated[Optional[int], typer.Option(help=_compare_help("examples"))] = None,
+    eval_n: Annotated[Optional[int], typer.Option(help=_compare_help("eval_n"))] = None,
+    sft_epochs: Annotated[Optional[float], typer.Option(help=_compare_help("sft_epochs"))] = None,
+    dpo_epochs: Annotated[Optional[float], typer.Option(help=_compare_help("dpo_epochs"))] = None,
+    sft_lr: Annotated[Optional[float], typer.Option(help=_compare_help("sft_lr"))] = None,
+    dpo_lr: Annotated[Optional[float], typer.Option(help=_compare_help("dpo_lr"))] = None,
+    beta: Annotated[Optional[float], typer.Option(help=_compare_help("beta"))] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help=_compare_help("max_new_tokens"))] = None,
+    max_length: Annotated[Optional[int], typer.Option(help=_compare_help("max_length"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_compare_help("seed"))] = None,
+    base_url: BaseUrlOpt = None, api_key_env: ApiKeyEnvOpt = None, rate_limit: RateLimitOpt = None,
     resume: Annotated[bool, typer.Option(help="Reuse the finished runs, answers and verdicts in --out.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start again in an --out that holds an earlier comparison.")] = False,
     device: DeviceOpt = None,
-    lora: Annotated[bool, typer.Option("--lora/--full", help="Train LoRA adapters (r 16, alpha 32, all linear layers) instead of all weights.")] = False,
+    lora: Annotated[bool, typer.Option("--lora/--full", help=_compare_help("lora"))] = False,
 ) -> None:
     """Baseline SFT -> DPO against extended SFT -> DPO: train both, answer held-out prompts, judge, report."""
     from learndyn.experiments.compare import compare_settings, run_compare
 
-    settings = compare_settings(quick, data=data, eval_data=eval_data, out=str(out_dir), model=model,
+    settings = compare_settings(quick, data=data, eval_data=eval_data, out=out_dir and str(out_dir), model=model,
                                 judge=judge_spec, on_policy=on_policy, examples=_positive(examples, "--examples"),
                                 eval_n=_positive(eval_n, "--eval-n"),
                                 sft_epochs=sft_epochs, dpo_epochs=dpo_epochs, sft_lr=sft_lr, dpo_lr=dpo_lr, beta=beta,
                                 max_new_tokens=max_new_tokens, max_length=max_length, seed=seed,
                                 device=device, lora=lora)
+    out_dir = Path(settings.out)
     check_writable(out_dir)
     summary = run_compare(settings, resume=resume, overwrite=overwrite, console=console,
-                          judge_options=dict(base_url=base_url, api_key_env=api_key_env, rate_limit=rate_limit))
+                          judge_options=_endpoint(base_url, api_key_env, rate_limit))
     print_comparison(summary)
     out.print(f"summary: {out_dir / 'summary.json'}\nreport: {Path(summary['report']).resolve()}")
 

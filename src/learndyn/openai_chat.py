@@ -24,9 +24,27 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 from learndyn.errors import LearndynError
+from learndyn.settings import setting
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """The options every OpenAI-compatible client takes (judge, rephraser): the one source of their
+    defaults and help."""
+
+    base_url: str = setting("https://api.openai.com/v1", "Endpoint of an openai judge or rephraser (any "
+                                                         "OpenAI-compatible API)")
+    api_key_env: str = setting("OPENAI_API_KEY", "NAME of the environment variable holding the API key (only the "
+                                                 "name is ever saved)")
+    rate_limit: float | None = setting(None, "At most this many requests per second")
+
+
+DEFAULT_BASE_URL = Endpoint.base_url
+DEFAULT_API_KEY_ENV = Endpoint.api_key_env
 
 __all__ = ["ChatClient", "RateLimiter"]
 
@@ -85,7 +103,7 @@ class ChatClient:
         self,
         base_url: str,
         model: str,
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str = DEFAULT_API_KEY_ENV,
         timeout: float = 60,
         max_retries: int = 3,
         backoff: float = 1.0,

@@ -29,6 +29,7 @@ from rich.console import Console
 from learndyn.atomic import atomic_path, write_json
 from learndyn.errors import LearndynError
 from learndyn.models import BUILTIN_MODEL
+from learndyn.settings import setting
 
 __all__ = ["CompareSettings", "Checkpoint", "PAIRS", "compare_settings", "run_compare", "train_arms"]
 
@@ -37,28 +38,32 @@ __all__ = ["CompareSettings", "Checkpoint", "PAIRS", "compare_settings", "run_co
 class CompareSettings:
     """One comparison. The sizes default to what shows the dynamics on a 135M model on a CPU."""
 
-    data: str  # training preference data
-    eval_data: str  # held-out preference data: prompts to answer, chosen responses to score
-    out: str = "learndyn-compare"
-    model: str = BUILTIN_MODEL
-    judge: str = "local"
-    on_policy: bool = False  # add the arm baseline SFT -> on-policy DPO
-    examples: int | None = 32  # training pairs (None: all)
-    eval_n: int | None = None  # held-out prompts (None: all)
-    probes: int = 8  # tracked prompts: the first training examples
-    sft_epochs: float = 3.0
-    dpo_epochs: float = 2.0
-    sft_lr: float = 5e-5
-    dpo_lr: float = 2e-5
-    beta: float = 0.1
-    batch_size: int = 8
-    every: int = 3
-    max_length: int = 256
-    greedy_tokens: int = 48  # length of the probe set's greedy responses
-    max_new_tokens: int = 96  # length of the evaluation answers
-    seed: int = 0
-    device: str | None = None
-    lora: bool = False  # every arm trains a LoRA adapter (r 16, alpha 32, all linear layers) instead of all weights
+    data: str = setting(help="Training preference data (see `probes build --data`); a row range splits a file, "
+                             "e.g. data.jsonl[:400]")
+    eval_data: str = setting(help="Held-out preference data: prompts to answer, chosen responses to score (e.g. "
+                                  "example:test, data.jsonl[400:])")
+    out: str = setting("learndyn-compare", "Folder for probes, runs, responses, verdicts, summary.json and "
+                                           "report.html")
+    model: str = setting(BUILTIN_MODEL, "Starting model of both arms")
+    judge: str = setting("local", "openai:MODEL or local[:MODEL] (see `learndyn judge`)")
+    on_policy: bool = setting(False, "Add an arm: the baseline SFT model trained by on-policy DPO")
+    examples: int | None = setting(32, "Training pairs")
+    eval_n: int | None = setting(None, "Answer only the first N held-out prompts", shown="all")
+    probes: int = setting(8, "Tracked prompts: the first training examples")
+    sft_epochs: float = setting(3.0, "SFT epochs")
+    dpo_epochs: float = setting(2.0, "DPO epochs")
+    sft_lr: float = setting(5e-5, "SFT learning rate", shown="5e-5; 5e-4 with --lora")
+    dpo_lr: float = setting(2e-5, "DPO learning rate", shown="2e-5; 2e-4 with --lora")
+    beta: float = setting(0.1, "DPO beta")
+    batch_size: int = setting(8, "Examples per optimizer step")
+    every: int = setting(3, "Score probes every N optimizer steps")
+    max_length: int = setting(256, "Tokens per training sequence and scored response")
+    greedy_tokens: int = setting(48, "Length of the probe set's greedy responses, in tokens")
+    max_new_tokens: int = setting(96, "Longest answer, in tokens")
+    seed: int = setting(0, "Seed of data order, probes and initialisation")
+    device: str | None = setting(None, "cpu, cuda, cuda:1, ...", shown="GPU if present")
+    lora: bool = setting(False, "Train LoRA adapters (r 16, alpha 32, all linear layers) instead of all weights",
+                         shown="--full")
 
 
 QUICK = dict(examples=16, probes=6, sft_epochs=2.0, dpo_epochs=1.0, every=4, max_new_tokens=64)

@@ -19,31 +19,34 @@ from learndyn.errors import LearndynError
 from learndyn.losses import get_loss
 from learndyn.memory import reporting_oom
 from learndyn.models import BUILTIN_MODEL
+from learndyn.settings import setting
 
 
 @dataclass(frozen=True)
 class ExplainSettings:
     """What to explain; saved in summary.json."""
 
-    update: str  # preference data: the update batch is `rows` of it
-    probes: str  # probe file
-    model: str = BUILTIN_MODEL
-    rows: tuple[int, ...] = (0,)
-    loss: str = "sft"  # a name in learndyn.losses that explain supports
-    optimizer: str = "sgd"  # sgd, adam, adamw, rmsprop (fresh state)
-    lr: float = 1e-4
-    weight_decay: float = 0.0  # L2 for sgd/adam/rmsprop, decoupled for adamw (torch's forms)
-    max_grad_norm: float | None = 1.0  # the transformers Trainer's clipping (None: no clipping)
-    beta: float = 0.1
-    ref_model: str | None = None  # default: the model itself (the first step of a DPO run)
-    on_policy: bool = False
-    types: tuple[str, ...] | None = None
-    probe_limit: int | None = None
-    chunk_tokens: int = 1024
-    greedy_tokens: int = 64
-    device: str | None = None
-    dtype: str | None = "float32"  # first-order agreement needs more than bf16
-    tokenizer: str | None = None  # default: the model's own
+    update: str = setting(help="Preference data holding the update batch (any format `probes build` reads)")
+    probes: str = setting(help="Probe file whose responses are explained")
+    model: str = setting(BUILTIN_MODEL, "Model, before the step")
+    rows: tuple[int, ...] = setting((0,), "Rows of UPDATE that form the batch, numbered from 0: '0' or '0,3'",
+                                    shown="0")
+    loss: str = setting("sft", "Loss of the step (TRL's names; dpo = sigmoid)")
+    optimizer: str = setting("sgd", "sgd, adam, adamw or rmsprop (fresh state)")
+    lr: float = setting(1e-4, "Learning rate of the step")
+    weight_decay: float = setting(0.0, "Weight decay (decoupled for adamw, L2 otherwise, as torch.optim)")
+    max_grad_norm: float | None = setting(1.0, "Clip the gradient's norm first, as the transformers Trainer does; "
+                                               "0: no clipping")
+    beta: float = setting(0.1, "beta of the preference losses")
+    ref_model: str | None = setting(None, "Reference model of the preference losses", shown="the model itself")
+    on_policy: bool = setting(False, "Use the model's own greedy response as each row's rejected response")
+    types: tuple[str, ...] | None = setting(None, "Only these response types, comma-separated", shown="all")
+    probe_limit: int | None = setting(None, "Use only the first N probe rows")
+    chunk_tokens: int = setting(1024, "Probe tokens per pass; lower it if memory runs short")
+    greedy_tokens: int = setting(64, "Longest greedy response of --on-policy, in tokens")
+    device: str | None = setting(None, "cpu, cuda, cuda:1, ...", shown="GPU if present")
+    dtype: str | None = setting("float32", "float32 (first-order agreement needs it) or bfloat16")
+    tokenizer: str | None = setting(None, "A tokenizer other than the model's own")
 
     def __post_init__(self) -> None:
         """Checked before any data or model loads: a loss explain lacks, a row named twice (it would

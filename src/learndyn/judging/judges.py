@@ -31,11 +31,10 @@ from learndyn.data import Prompt
 from learndyn.errors import LearndynError
 from learndyn.judging.prompt import LETTER_INSTRUCTION, TEXT_INSTRUCTION, pairwise_messages, parse_answer
 from learndyn.models import eval_mode
-from learndyn.openai_chat import ChatClient
+from learndyn.openai_chat import DEFAULT_API_KEY_ENV, DEFAULT_BASE_URL, ChatClient
 
 __all__ = ["JUDGES", "Judge", "Judgment", "JudgingFailed", "LocalJudge", "OpenAIJudge", "make_judge", "vote"]
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
 Item = tuple[Prompt, str, str]  # (prompt, first response, second response)
 
 
@@ -91,7 +90,7 @@ class OpenAIJudge:
         self,
         model: str,
         base_url: str = DEFAULT_BASE_URL,
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str = DEFAULT_API_KEY_ENV,
         *,
         rate_limit: float | None = None,
         workers: int = 4,

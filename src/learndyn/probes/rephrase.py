@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from learndyn.errors import LearndynError
-from learndyn.openai_chat import ChatClient
+from learndyn.openai_chat import DEFAULT_API_KEY_ENV, ChatClient
 
 Rephraser = Callable[[list[str], str], list[str]]
 
@@ -105,7 +105,7 @@ class OpenAIRephraser:
         self,
         base_url: str,
         model: str,
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str = DEFAULT_API_KEY_ENV,
         timeout: float = 60,
         max_retries: int = 3,
         backoff: float = 1.0,

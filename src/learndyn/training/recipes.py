@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from learndyn.errors import LearndynError, first_line
 from learndyn.losses import get_loss
 from learndyn.memory import check_fits
 from learndyn.models import BUILTIN_MODEL
+from learndyn.openai_chat import DEFAULT_API_KEY_ENV, DEFAULT_BASE_URL
+from learndyn.settings import setting
 from learndyn.training.inputs import data_identity, differences, identity, read_inputs
 from learndyn.training.runs import check_run_folder, final_checkpoint, is_run, read_config, start_run
 
@@ -37,48 +39,44 @@ PHASES = ("sft", "dpo")
 class TrainSettings:
     """Everything that defines a tracked run; saved as RUN/config.yaml."""
 
-    phase: str = field(metadata={"help": "sft or dpo"})
-    data: str = field(metadata={"help": "preference data (see learndyn.load_preferences)"})
-    probes: str = field(metadata={"help": "probe file tracked during training"})
-    out: str = field(metadata={"help": "run folder"})
-    model: str = field(default=BUILTIN_MODEL, metadata={"help": "starting model (ignored with from_run)"})
-    from_run: str | None = field(default=None, metadata={"help": "start from this run's final checkpoint"})
-    extend: bool = field(default=False, metadata={"help": "SFT on chosen and rejected (dataset extension)"})
-    loss: str = field(default="sigmoid", metadata={"help": "DPO loss variant (TRL loss_type)"})
-    beta: float = field(default=0.1, metadata={"help": "DPO temperature"})
-    learning_rate: float | None = field(default=None, metadata={"help": "default: 2e-5 for SFT, 5e-6 for DPO"})
-    epochs: float = field(default=2.0, metadata={"help": "passes over the training data"})
-    batch_size: int = field(default=8, metadata={"help": "examples per optimizer step (per device)"})
-    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    max_length: int = field(default=512, metadata={"help": "tokens per training sequence and probe; "
-                                                                 "a longer prompt keeps its last tokens"})
-    every: int = field(default=2, metadata={"help": "score the probes every N optimizer steps"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
-    probe_limit: int | None = field(default=None, metadata={"help": "track only the first N probe prompts"})
-    seed: int = field(default=0, metadata={"help": "seed of data order and initialisation"})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: GPU if present)"})
-    report_to: list[str] = field(default_factory=list, metadata={"help": "transformers report_to integrations"})
-    save_model: bool = field(default=True, metadata={"help": "keep the final model in RUN/checkpoints/final"})
-    on_policy: bool = field(default=False, metadata={"help": "DPO on pairs sampled from the current policy each step"})
-    judge: str = field(default="local", metadata={"help": "ranks the two samples (on_policy): local, local:MODEL, "
-                                                           "openai:MODEL"})
-    reward: str | None = field(default=None, metadata={"help": "MODULE:FUNCTION, a TRL-style reward function used "
-                                                               "instead of the judge (on_policy)"})
-    judge_base_url: str | None = field(default=None, metadata={"help": "endpoint of an openai judge (on_policy; "
-                                                                     "default https://api.openai.com/v1)"})
-    judge_api_key_env: str | None = field(default=None, metadata={"help": "NAME of the environment variable holding "
-                                                                        "an openai judge's API key (the key itself "
-                                                                        "is never saved; default OPENAI_API_KEY)"})
-    max_new_tokens: int = field(default=64, metadata={"help": "longest sampled response, in tokens (on_policy)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (on_policy)"})
-    lora: bool = field(default=False, metadata={"help": "train a LoRA adapter (peft) instead of all weights"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (lora)"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; the adapter's update is scaled by alpha/r "
-                                                          "(lora)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input (lora)"})
-    lora_targets: str = field(default="all-linear", metadata={"help": "modules given adapters: all-linear, or "
-                                                                      "comma-separated names like q_proj,v_proj "
-                                                                      "(lora)"})
+    phase: str = setting(help="sft or dpo")
+    data: str = setting(help="Training preference data (see `probes build --data`)")
+    probes: str = setting(help="Probe file to track")
+    out: str = setting(help="Run folder")
+    model: str = setting(BUILTIN_MODEL, "Starting model, unless --from is given", shown="the built-in one")
+    from_run: str | None = setting(None, "Start from this run's final checkpoint")
+    extend: bool = setting(False, "Also train on rejected responses (the paper's dataset extension)")
+    loss: str = setting("sigmoid", "TRL loss type", shown="sigmoid, i.e. DPO")
+    beta: float = setting(0.1, "DPO beta")
+    learning_rate: float | None = setting(None, "Learning rate", shown="2e-5 SFT, 5e-6 DPO; with --lora 2e-4 SFT, 5e-5 DPO")
+    epochs: float = setting(2.0, "Passes over the data")
+    batch_size: int = setting(8, "Examples per optimizer step (per device)")
+    grad_accum: int = setting(1, "Gradient accumulation steps")
+    max_length: int = setting(512, "Tokens per training sequence and probe; a longer prompt keeps its last tokens")
+    every: int = setting(2, "Score probes every N optimizer steps")
+    limit: int | None = setting(None, "Train on the first N examples only")
+    probe_limit: int | None = setting(None, "Track the first N probe prompts only")
+    seed: int = setting(0, "Seed of data order and initialisation")
+    device: str | None = setting(None, "cpu, cuda, cuda:1, ...", shown="GPU if present")
+    report_to: list[str] = setting(help="transformers report_to integrations", factory=list)
+    save_model: bool = setting(True, "Keep the final model in RUN/checkpoints/final")
+    on_policy: bool = setting(False, "Each step, sample two responses per prompt from the current model and train "
+                                     "on them, ranked", shown="off-policy, the data's pairs")
+    judge: str = setting("local", "Ranks the two samples (--on-policy): local, local:MODEL or openai:MODEL")
+    reward: str | None = setting(None, "MODULE:FUNCTION, a TRL-style reward function ranking the samples instead of "
+                                       "the judge; imports Python code (the current folder is searched)")
+    judge_base_url: str | None = setting(None, "Endpoint of an openai judge (--on-policy)",
+                                         shown=DEFAULT_BASE_URL)
+    judge_api_key_env: str | None = setting(None, "NAME of the environment variable holding an openai judge's API "
+                                                  "key (only the name is saved)", shown=DEFAULT_API_KEY_ENV)
+    max_new_tokens: int = setting(64, "Longest sampled response, in tokens (--on-policy)")
+    temperature: float = setting(1.0, "Sampling temperature (--on-policy)")
+    lora: bool = setting(False, "Train a LoRA adapter (peft) and save only it, or all weights", shown="--full")
+    lora_r: int = setting(16, "LoRA rank")
+    lora_alpha: int = setting(32, "LoRA alpha; the adapter's update is scaled by alpha/r")
+    lora_dropout: float = setting(0.0, "Dropout on the adapter's input")
+    lora_targets: str = setting("all-linear", "Modules given adapters: all-linear or comma-separated names, e.g. "
+                                              "q_proj,v_proj")
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
