@@ -13,7 +13,7 @@ import pytest
 import learndyn.evaluation.responses as responses_module
 import learndyn.training.recipes as recipes
 from learndyn.errors import LearndynError
-from learndyn.evaluation.responses import read_responses
+from learndyn.responses import read_responses
 from learndyn.experiments.compare import PAIRS, CompareSettings, compare_settings, run_compare
 from learndyn.data import load_preferences
 from learndyn.judging import read_verdicts

@@ -13,11 +13,10 @@ from learndyn.errors import LearndynError
 from learndyn.evaluation.intrinsic import (
     distinct_n, held_out_measures, intrinsic_measures, repetition_rate, text_measures,
 )
-from learndyn.evaluation.responses import (
-    RESPONSE_FIELDS, DecodingSettings, generate_responses, read_responses, resolve_model, write_responses,
-)
+from learndyn.evaluation.responses import DecodingSettings, generate_responses, resolve_model
 from learndyn.generation import generate
 from learndyn.probes.files import Probe
+from learndyn.responses import RESPONSE_FIELDS, read_responses, write_responses
 from learndyn.scoring import score_probes
 from test_cli import assert_one_error_line, learndyn, read_rows
 

@@ -16,7 +16,7 @@ import pytest
 
 from learndyn.data import Preference
 from learndyn.errors import LearndynError
-from learndyn.probes.build import ProbeBuildError, build_probes, derangement, shuffle_words
+from learndyn.probes.build import ProbeBuildError, build_probe_file, build_probes, derangement, shuffle_words
 from learndyn.probes.files import Probe, read_probes, write_probes
 from learndyn.vocab import REPHRASE_TYPES, TYPE_NAMES
 
@@ -309,14 +309,18 @@ def test_failed_rephrasing_keeps_only_complete_rows_and_resumes_to_a_clean_build
 
 
 def test_resume_through_the_probe_file_gives_a_clean_build(tmp_path):
+    """build_probe_file writes the finished rows when a backend fails, refuses to replace them unasked,
+    and a resume finishes them to the clean build's file."""
     prefs = _half_given()
     clean = rows(build_probes(prefs, seed=2, rephraser=echo_rephraser()))
-    with pytest.raises(ProbeBuildError) as info:
-        build_probes(prefs, seed=2, rephraser=echo_rephraser(fail_on=3))
     path = tmp_path / "probes.jsonl"
-    write_probes(info.value.finished, path)
-    resumed = build_probes(prefs, seed=2, rephraser=echo_rephraser(), done=read_probes(path))
-    assert rows(resumed) == clean
+    with pytest.raises(LearndynError, match=r"HTTP 503 .*; kept 4 of 6 finished rows in .*probes.jsonl; rerun with --resume"):
+        build_probe_file(prefs, path, seed=2, rephraser=echo_rephraser(fail_on=3))
+    assert [p.example_id for p in read_probes(path)] == ["id0", "id1", "id2", "id3"]
+    with pytest.raises(LearndynError, match="exists; pass --resume"):
+        build_probe_file(prefs, path, seed=2, rephraser=echo_rephraser())
+    build_probe_file(prefs, path, resume=True, seed=2, rephraser=echo_rephraser())
+    assert [p.to_row() for p in read_probes(path)] == clean
 
 
 def test_probe_build_error_is_a_learndyn_error():

@@ -116,16 +116,13 @@ def probes_build(
 ) -> None:
     """Build a probe set (one row per prompt, one column per response type) from preference data."""
     from learndyn.data import load_preferences
-    from learndyn.probes.build import ProbeBuildError, build_probes
-    from learndyn.probes.files import read_probes, write_probes
+    from learndyn.probes.build import build_probe_file, check_target
     from learndyn.probes.rephrase import REPHRASERS, make_rephraser
 
     if rephraser not in REPHRASERS:
         raise LearndynError(f"unknown rephraser '{rephraser}'; valid: {', '.join(REPHRASERS)}")
-    if out_path.exists() and not (resume or overwrite):
-        raise LearndynError(f"{out_path} exists; pass --resume to finish it or --overwrite to replace it")
+    check_target(out_path, resume, overwrite)
     check_writable(out_path.parent)
-    done = read_probes(out_path) if resume and out_path.exists() else []
     train = load_preferences(data, limit=_positive(limit, "--limit"))
     test = load_preferences(held_out) if held_out else None
     backend = None
@@ -141,16 +138,8 @@ def probes_build(
         from learndyn.models import load_model
 
         policy_model, tokenizer = load_model(model, device=device, dtype=dtype)
-    try:
-        probes = build_probes(train, held_out=test, seed=seed, rephraser=backend, model=policy_model,
-                              tokenizer=tokenizer, greedy_max_tokens=greedy_tokens, done=done)
-    except ProbeBuildError as err:
-        if not err.finished:
-            raise LearndynError(f"{err}; no row was finished, nothing written") from None
-        write_probes(err.finished, out_path)
-        raise LearndynError(f"{err}; kept {len(err.finished)} of {len(train)} finished rows in {out_path}; "
-                            "rerun with --resume to finish") from None
-    write_probes(probes, out_path)
+    probes = build_probe_file(train, out_path, resume=resume, overwrite=overwrite, held_out=test, seed=seed,
+                              rephraser=backend, model=policy_model, tokenizer=tokenizer, greedy_max_tokens=greedy_tokens)
     counts = {}
     for p in probes:
         for name in p.responses:

@@ -1,18 +1,5 @@
-"""Response files: a model's answers to held-out prompts, for judges and intrinsic measures.
-
-One JSONL row per prompt, in the data's order:
-
-    example_id      the prompt's id in the preference data
-    prompt          as in the data: text, or chat messages [{"role", "content"}]
-    response        the generated text (new tokens only, special tokens dropped, stripped)
-    model           the model spec as given (a run folder, a model folder, a hub id, ...)
-    decoding        "greedy" or "sample"
-    max_new_tokens  the cap on response length, in tokens
-    temperature     sampling temperature (null when greedy)
-    seed            sampling seed (null when greedy)
-
-Every row carries the settings so that a file says how it was made even when copied alone, and
-two files can be checked for comparable settings before a judge compares them.
+"""Answers to held-out prompts, for judges and intrinsic measures: generated in batches and written as
+a response file (its format, reader and writer are learndyn.responses).
 """
 
 from __future__ import annotations
@@ -22,14 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from learndyn.atomic import write_jsonl
-from learndyn.data import Preference, parse_prompt, read_records
+from learndyn.data import Preference
 from learndyn.errors import LearndynError
+from learndyn.responses import write_responses
 
-__all__ = ["DecodingSettings", "RESPONSE_FIELDS", "generate_file", "generate_responses", "read_responses",
-           "resolve_model", "write_responses"]
-
-RESPONSE_FIELDS = ("example_id", "prompt", "response", "model", "decoding", "max_new_tokens", "temperature", "seed")
+__all__ = ["DecodingSettings", "generate_file", "generate_responses", "resolve_model"]
 
 
 @dataclass(frozen=True)
@@ -107,31 +91,4 @@ def generate_file(
     model, tokenizer = load_model(resolve_model(model_spec), device=device, dtype=dtype)
     rows = generate_responses(model, tokenizer, prompts, settings, model_name=str(model_spec))
     write_responses(rows, out)
-    return rows
-
-
-def write_responses(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Write response rows as JSONL (UTF-8, one object per line), atomically."""
-    write_jsonl(path, rows)
-
-
-def read_responses(path: str | Path) -> list[dict[str, Any]]:
-    """Read a response file, checking the fields every consumer needs (`prompt`, `response`).
-
-    `example_id` defaults to the row number; other columns are kept as they are. Errors name the
-    file and line.
-    """
-    rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for index, (where, row) in enumerate(read_records(path)):
-        for name in ("prompt", "response"):
-            if row.get(name) is None:
-                raise LearndynError(f"{where}: missing field '{name}'")
-        if not isinstance(row["response"], str):
-            raise LearndynError(f"{where}: field 'response' must be text")
-        row = dict(row, example_id=str(row.get("example_id", index)), prompt=parse_prompt(row["prompt"], where))
-        if row["example_id"] in seen:
-            raise LearndynError(f"{where}: duplicate example_id '{row['example_id']}'")
-        seen.add(row["example_id"])
-        rows.append(row)
     return rows

@@ -225,8 +225,8 @@ def _evaluate(checkpoints: list[Checkpoint], held_out: list, settings: CompareSe
     """Answer the held-out prompts with every checkpoint and measure the answers; returns the names
     whose answers were generated now and the measures by checkpoint name."""
     from learndyn.evaluation.intrinsic import intrinsic_measures
-    from learndyn.evaluation.responses import (DecodingSettings, generate_responses, read_responses,
-                                               resolve_model, write_responses)
+    from learndyn.evaluation.responses import DecodingSettings, generate_responses, resolve_model
+    from learndyn.responses import read_responses, write_responses
     from learndyn.models import load_model
 
     decoding = DecodingSettings(max_new_tokens=settings.max_new_tokens)

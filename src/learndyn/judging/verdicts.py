@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from learndyn.atomic import write_jsonl
-from learndyn.data import Prompt, parse_prompt, read_records
+from learndyn.data import Prompt
 from learndyn.errors import LearndynError
 from learndyn.judging.judges import Judge, Judgment, JudgingFailed
 from learndyn.progress import progress as progress_bar
+from learndyn.responses import read_response_records
 
 __all__ = ["Judged", "Pair", "judge_files", "read_pairs", "read_verdicts"]
 
@@ -69,7 +70,7 @@ def read_pairs(a_path: str | Path, b_path: str | Path) -> list[Pair]:
     The error names the first mismatch: both files' lines and a short excerpt of each prompt from
     where they start to differ, or the first row without a partner when the lengths differ.
     """
-    rows_a, rows_b = _responses(a_path), _responses(b_path)
+    rows_a, rows_b = read_response_records(a_path), read_response_records(b_path)
     for index, ((where_a, row_a), (where_b, row_b)) in enumerate(zip(rows_a, rows_b)):
         if row_a["prompt"] != row_b["prompt"]:
             text_a, text_b = _prompt_key(row_a["prompt"]), _prompt_key(row_b["prompt"])
@@ -215,20 +216,6 @@ def _verdict_row(pair: Pair, judge: Judge, ab: Judgment, ba: Judgment) -> dict[s
 def _margin(judge: Judge) -> float | None:
     """A judge's tie margin, if it has one: it decides verdicts, so cached rows must share it."""
     return getattr(judge, "tie_margin", None)
-
-
-def _responses(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    rows = []
-    for where, row in read_records(path):
-        for name in ("prompt", "response"):
-            if row.get(name) is None:
-                raise LearndynError(f"{where}: missing field '{name}'")
-        if not isinstance(row["response"], str):
-            raise LearndynError(f"{where}: field 'response' must be text")
-        rows.append((where, dict(row, prompt=parse_prompt(row["prompt"], where))))
-    if not rows:
-        raise LearndynError(f"{path}: no responses")
-    return rows
 
 
 def _prompt_key(prompt: Prompt) -> str:

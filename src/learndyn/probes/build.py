@@ -11,11 +11,12 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from learndyn.data import Preference
 from learndyn.errors import LearndynError
-from learndyn.probes.files import Probe
+from learndyn.probes.files import Probe, read_probes, write_probes
 from learndyn.progress import progress
 from learndyn.probes.rephrase import Rephraser
 from learndyn.vocab import REPHRASE_TYPES
@@ -59,6 +60,41 @@ def build_probes(
     if rephraser is not None and todo:
         _add_rephrases(probes, todo, rephraser, batch_size)
     return probes
+
+
+def build_probe_file(
+    train: Sequence[Preference],
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    **options: Any,
+) -> list[Probe]:
+    """`build_probes(train, **options)` into the probe file `out`, which is written once, atomically.
+
+    An existing `out` is refused unless `resume` (its rows are kept and the rest built) or `overwrite`.
+    When a backend fails part-way, the rows finished so far are written and the error says how to
+    resume: paid rephrases are never lost.
+    """
+    out = Path(out)
+    check_target(out, resume, overwrite)
+    done = read_probes(out) if resume and out.exists() else []
+    try:
+        probes = build_probes(train, done=done, **options)
+    except ProbeBuildError as err:
+        if not err.finished:
+            raise LearndynError(f"{err}; no row was finished, nothing written") from None
+        write_probes(err.finished, out)
+        raise LearndynError(f"{err}; kept {len(err.finished)} of {len(train)} finished rows in {out}; "
+                            "rerun with --resume to finish") from None
+    write_probes(probes, out)
+    return probes
+
+
+def check_target(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to replace a probe file unasked; callers check before loading models."""
+    if out.exists() and not (resume or overwrite):
+        raise LearndynError(f"{out} exists; pass --resume to finish it or --overwrite to replace it")
 
 
 def derangement(n: int, rng: random.Random) -> list[int]:
