@@ -30,7 +30,7 @@ from learndyn.dynamics.sequences import (
 )
 from learndyn.dynamics.updates import OptimizerRule
 from learndyn.probes.files import Probe
-from learndyn.scoring import pack_runs
+from learndyn.lm import pack_runs
 
 
 def first_responses(probes: list[Probe], n: int) -> list[Probe]:

@@ -112,7 +112,8 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
 
 
 def bench_scoring(shape, device, dtype, tokenizer, probes, peak_flops) -> dict:
-    from learndyn.scoring import encode_probes, score_encoded, score_plain, split_model
+    from learndyn.lm import split_model
+    from learndyn.scoring import encode_probes, score_encoded, score_plain
 
     model = build_model(shape, device, dtype)
     encoded = encode_probes(probes, tokenizer, max_length=1024)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import learndyn.lm as lm
 import learndyn.scoring as scoring
 from learndyn import load_model, read_probes
 
@@ -93,9 +94,9 @@ class PhaseTimer:
 
     def __init__(self, model):
         self.model, self.prompt, self.response, self.stats, self.fed, self.real = model, 0.0, 0.0, 0.0, 0, 0
-        scoring.split_model(model).shares_cache()  # the one-time checks are not part of the timed work
-        self.body = model.base_model if scoring.split_model(model).fused else model
-        self.cache_name = scoring.split_model(model).cache_name
+        lm.split_model(model).shares_cache()  # the one-time checks are not part of the timed work
+        self.body = model.base_model if lm.split_model(model).fused else model
+        self.cache_name = lm.split_model(model).cache_name
 
     def __enter__(self):
         forward, stats = self.body.forward, scoring.token_stats

@@ -28,7 +28,8 @@ from conftest import make_tiny_tokenizer  # noqa: E402
 from learndyn import LearndynError, score_probes  # noqa: E402
 from learndyn.distributed import check_sharding  # noqa: E402
 from learndyn.probes.files import Probe  # noqa: E402
-from learndyn.scoring import METRICS, encode_probes, split_model  # noqa: E402
+from learndyn.lm import split_model  # noqa: E402
+from learndyn.scoring import METRICS, encode_probes  # noqa: E402
 from learndyn.training.callback import LearningDynamicsCallback  # noqa: E402
 
 RTOL = 1e-4

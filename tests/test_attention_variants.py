@@ -23,7 +23,8 @@ from learndyn.dynamics.sequences import (
     probe_sequences,
 )
 from learndyn.probes.files import Probe
-from learndyn.scoring import can_pad_prompts, score_encoded, score_plain, split_model
+from learndyn.lm import can_pad_prompts, split_model
+from learndyn.scoring import score_encoded, score_plain
 
 WINDOW = 4
 _SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2,

@@ -17,7 +17,7 @@ from learndyn.dynamics.sequences import (
 from learndyn.dynamics.updates import OptimizerRule
 from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe
-from learndyn.scoring import can_pad_prompts, split_model
+from learndyn.lm import can_pad_prompts, split_model
 
 UPDATE = [
     Preference("u0", "Human: How do I make tea? Assistant:", " Boil the water, then steep.", " I cannot help."),

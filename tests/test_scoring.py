@@ -11,10 +11,10 @@ import torch
 
 from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe
+from learndyn.lm import pack_runs
 from learndyn.scoring import (
     METRICS,
     EncodedPrompt,
-    pack_runs,
     token_stats,
     encode_probes,
     score_encoded,
@@ -190,7 +190,7 @@ def test_summary_is_in_vocabulary_order_with_counts(tiny_llama, tmp_path):
 
 
 def test_plain_head_models_use_the_fused_head(tiny_llama, tiny_gpt2):
-    from learndyn.scoring import split_model
+    from learndyn.lm import split_model
 
     assert split_model(tiny_llama[0]).fused and split_model(tiny_gpt2[0]).fused
 
@@ -199,7 +199,7 @@ def test_models_that_post_process_logits_keep_their_own_forward(tiny_tokenizer, 
     """Gemma-2 soft-caps its logits: the fused head would be wrong, so the scorer must notice."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from learndyn.scoring import split_model
+    from learndyn.lm import split_model
 
     torch.manual_seed(0)
     config = Gemma2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -260,7 +260,8 @@ def test_scoring_passes_the_cache_under_the_name_the_model_takes(tiny_model):
 @pytest.mark.parametrize("shares_cache", [True, False])
 def test_body_call_plan_equals_the_calls_made(tiny_llama, batch_tokens, shares_cache):
     """Sharded ranks pad to the busiest rank's planned count: a plan that is off by one hangs them."""
-    from learndyn.scoring import body_calls, split_model
+    from learndyn.lm import split_model
+    from learndyn.scoring import body_calls
 
     model, _ = tiny_llama
     encoded = random_encoded(model.config.vocab_size, 11, seed=batch_tokens)

@@ -7,6 +7,7 @@ gives exact results:
   3. the LM head (21% of the FLOPs of the built-in model) runs only where a response token is
      predicted (the last prompt position and along each response), a block of rows at a time
      fused with the statistics, so the (tokens, vocabulary) logits never exist all at once.
+The model split, the padding and the cache continuation live in lm.py (shared with the explainer).
 Prompts are padded on the left, so that responses follow their prompt with no pad slot between
 (windowed attention counts cache slots), and the copied caches are never cropped to a window. A model
 whose cache cannot be copied per response (a recurrent state: Mamba, Jamba) is scored one sequence
@@ -28,8 +29,6 @@ position l and y_l the response token there:
 
 from __future__ import annotations
 
-import inspect
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,9 +39,10 @@ import torch
 
 from learndyn.atomic import atomic_path
 from learndyn.data import prompt_room, render_prompt
-from learndyn.distributed import (all_gather_dicts, fsdp2_roots, is_fsdp2, is_zero3, owning_unit,
-                                  rank_and_world, share)
+from learndyn.distributed import all_gather_dicts, is_fsdp2, is_zero3, rank_and_world, share
 from learndyn.errors import LearndynError
+from learndyn.lm import (ModelSplit, can_pad_prompts, continue_responses, full_cache, left_padded, pack_runs,
+                         padded, response_positions, split_model)
 from learndyn.models import eval_mode
 from learndyn.probes.files import Probe
 from learndyn.progress import progress as progress_bar
@@ -250,195 +250,11 @@ def _grad_off(model: Any) -> Iterator[None]:
         yield
 
 
-def pack_runs(lengths: Sequence[int], budget: int, max_waste: float = 0.1) -> list[tuple[int, int]]:
-    """Cut ascending `lengths` into runs [start, stop) whose padded size fits `budget` tokens and is
-    at most `max_waste` padding (a run always takes at least one item)."""
-    runs: list[tuple[int, int]] = []
-    start, real = 0, 0
-    for i, length in enumerate(lengths):
-        padded = (i - start + 1) * length  # ascending, so the newest item is the longest
-        if i > start and (padded > budget or real + length < (1 - max_waste) * padded):
-            runs.append((start, i))
-            start, real = i, 0
-        real += length
-    if lengths:
-        runs.append((start, len(lengths)))
-    return runs
-
-
 def _prompt_batches(encoded: Sequence[EncodedPrompt], batch_tokens: int, pad: bool = True) -> list[list[int]]:
     """Groups of prompts of similar length (indices into `encoded`); of equal length unless `pad`."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].prompt_ids))
     runs = pack_runs([len(encoded[i].prompt_ids) for i in order], batch_tokens, max_waste=0.1 if pad else 0.0)
     return [order[start:stop] for start, stop in runs]
-
-
-class ModelSplit:
-    """The model as `body` (tokens -> states, with the KV cache) and `head` (states -> logits).
-
-    When a model's logits are exactly its output embedding applied to the base model's hidden
-    states (checked once on a few tokens), the body stops at the hidden states and the head runs
-    chunk by chunk inside the statistics, so the (tokens, V) logits never exist all at once. Models
-    that post-process logits (soft-capping, scaling) keep their own forward and an identity head.
-    """
-
-    def __init__(self, model: Any):
-        self.model = model
-        # the transformer under the LM head; a peft model's `base_model` is its LoraModel wrapper (whose
-        # forward is the whole causal LM), so look through it to the backbone that carries the adapters
-        self.backbone = (model.get_base_model().base_model if callable(getattr(model, "get_base_model", None))
-                         else model.base_model)
-        self.embedding = model.get_output_embeddings()
-        self.calls = 0  # body calls so far: sharded scoring pads every rank to the same count
-        # FSDP2: the body (`base_model`) is a part of the root unit, whose own parameters (embeddings,
-        # final norm, the head) only the root's forward all-gathers; the fused route therefore holds
-        # the root units unsharded while it scores (`hold`/`release`). A head that is a unit of its
-        # own would all-gather at every chunk, a count that differs between ranks: such a model keeps
-        # its own forward, whose hooks gather the head once per call.
-        self.held: list[Any] = fsdp2_roots(model)
-        self.sharded = bool(self.held)
-        head_owner = owning_unit(model, self.embedding) if self.held and self.embedding is not None else None
-        own_head = head_owner is not None and all(head_owner is not root for root in self.held)
-        self.fused = self.embedding is not None and not own_head and self._head_is_plain()
-        if not self.fused:  # the head runs inside the model's forward: nothing to hold (the check may have)
-            self.release()
-            self.held = []
-        # recent transformers renamed `past_key_values` to `cache` and drop the old name in 5.40
-        called = self.backbone if self.fused else model
-        self.cache_name = "cache" if "cache" in inspect.signature(called.forward).parameters else "past_key_values"
-        self._shares_cache: bool | None = None
-
-    def shares_cache(self) -> bool:
-        """Whether responses may continue from a copy of their prompt's KV cache; checked once, on two
-        short prompts, against whole sequences. Models that keep a recurrent state beside or instead
-        of keys and values (Mamba, Jamba, LFM2) fail it, and are scored a sequence at a time."""
-        if self._shares_cache is None:
-            prompts = [EncodedPrompt("a", [1, 2, 3, 4], [("chosen", [5, 6, 7], False)]),
-                       EncodedPrompt("b", [4, 3, 2, 1], [("chosen", [7, 6], False), ("rejected", [5], False)])]
-            with _grad_off(self.model), eval_mode(self.model):
-                alone = dict(_score_alone(self.model, prompts, [0, 1], 1024, False))
-                try:
-                    shared = dict(_score_batch(self.model, prompts, [0, 1], 1024, False))
-                except Exception:  # noqa: BLE001  the cache cannot be copied or continued: score sequences alone
-                    shared = {}
-            rtol = max(1e-4, 16 * torch.finfo(self.model.dtype).eps)
-            self._shares_cache = shared.keys() == alone.keys() and all(
-                abs(shared[k]["logp_sum"] - alone[k]["logp_sum"]) <= rtol * abs(alone[k]["logp_sum"]) for k in alone)
-        return self._shares_cache
-
-    def body(self, cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        """Run the model; `cache` is a KV cache to continue from, and the returned one to continue."""
-        self.calls += 1
-        if cache is not None:
-            kwargs[self.cache_name] = cache
-        if self.fused:
-            self.hold()
-        out = self.backbone(**kwargs) if self.fused else self.model(**kwargs)
-        new_cache = out.get(self.cache_name) if kwargs.get("use_cache") else None
-        return (out.last_hidden_state if self.fused else out.logits), new_cache
-
-    def head(self, states: torch.Tensor) -> torch.Tensor:
-        return self.embedding(states) if self.fused else states
-
-    def idle(self) -> None:
-        """A one-token body call whose result is dropped: a sharded rank with no work left joins the
-        all-gathers of the others' calls with it."""
-        self.body(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.model.device), use_cache=False)
-
-    def hold(self) -> None:
-        """All-gather the held FSDP2 units (a no-op when they are already whole). Every rank reaches
-        it at the same body call, so the collective matches."""
-        for unit in self.held:
-            unit.unshard()
-
-    def release(self) -> None:
-        """Free the held units' gathered parameters (local, no collective); the next forward regathers."""
-        for unit in self.held:
-            unit.reshard()
-
-    def _head_is_plain(self) -> bool:
-        """Post-processing the config declares, or any difference beyond rounding, keeps the model's forward.
-
-        Both are needed: a random or freshly initialised model has logits so small that soft-capping
-        (c·tanh(z/c), Gemma-2) is the identity to 1e-5, yet shifts argmax_prob by 2e-5 relative.
-        """
-        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
-        for name, neutral in _LOGIT_POSTPROCESSING.items():
-            if getattr(config, name, neutral) not in (neutral, None):
-                return False
-        ids = torch.tensor([[0, 1, 2, 3]], device=self.model.device)
-        try:
-            logits = self.model(input_ids=ids).logits  # first: a sharded root initialises on its own forward
-            self.hold()
-            hidden = self.backbone(input_ids=ids).last_hidden_state
-        except Exception:  # an unusual architecture: keep its own forward
-            return False
-        fused = self.embedding(hidden)
-        eps = torch.finfo(logits.dtype).eps
-        return fused.shape == logits.shape and torch.allclose(fused.float(), logits.float(), rtol=8 * eps, atol=8 * eps)
-
-
-# Config fields (and their do-nothing values) of transformers models that change logits after the LM head.
-_LOGIT_POSTPROCESSING: dict[str, Any] = {
-    "final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0, "output_multiplier": 1.0,
-}
-
-
-_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def split_model(model: Any) -> ModelSplit:
-    """The model's `ModelSplit`, made once per model, and again once `fully_shard` has changed the
-    model in place (a model scored before `accelerate` shards it must not keep its unsharded split)."""
-    split = _SPLITS.get(model)
-    if split is None or split.sharded != is_fsdp2(model):
-        split = _SPLITS[model] = ModelSplit(model)
-    return split
-
-
-def can_pad_prompts(model: Any) -> bool:
-    """Whether prompts of different lengths may share a batch (left-padded).
-
-    A left pad slot's query sees no key. Eager attention takes its softmax in float32, where a
-    float64 model's mask minimum becomes -inf and such a row NaN, which the pad slots' keys and
-    values then spread to every real token. Such models get batches of equal-length prompts.
-    """
-    return not (model.dtype == torch.float64 and getattr(model.config, "_attn_implementation", None) == "eager")
-
-
-def left_padded(prompts: Sequence[Sequence[int]], device: Any) -> tuple[torch.Tensor, ...]:
-    """Prompts padded on the left: ids (B, P), mask (B, P), position ids (B, P) and lengths (B,).
-
-    Left, because responses continue in the cache slots after the widest prompt: every prompt then
-    ends where its responses begin, so no pad slot sits between a response and its prompt. Windowed
-    attention (sliding windows, chunks) counts cache slots, not positions; right padding put pad
-    slots inside a shorter prompt's window and scored it wrongly (tests/test_attention_variants.py).
-    """
-    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
-    width = int(lengths.max())
-    ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(p, device=device)
-    pad = (width - lengths)[:, None]  # (B, 1)
-    at = torch.arange(width, device=device)[None, :]  # (1, P)
-    mask = (at >= pad).long()  # (B, P)
-    positions = (at - pad).clamp_min(0)  # (B, P): real positions; pad slots (masked) take 0
-    return ids, mask, positions, lengths
-
-
-def full_cache(cache: Any = None, rows: torch.Tensor | None = None) -> Any:
-    """An uncropped KV cache: empty, or `rows` of `cache` (each response gets its prompt's copy).
-
-    Uncropped, because transformers' sliding-window and chunked cache layers keep only the last
-    window of slots and count their length from what they were given: a copy made from such a layer
-    would misplace the attention mask (relative errors of 1e-3 to 4e-2 on tiny models). A full
-    cache lets the model's own mask functions apply the window, exactly as in one long forward.
-    """
-    from transformers import DynamicCache
-
-    if cache is None:
-        return DynamicCache()
-    return DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in cache.layers])
 
 
 def _score_batch(model: Any, prompts: list[EncodedPrompt], index: list[int], batch_tokens: int, on_gpu: bool):
@@ -478,28 +294,11 @@ def _score_alone(model: Any, prompts: list[EncodedPrompt], index: list[int], bat
 def _score_responses(split: ModelSplit, cache, last, prompt_mask, prompt_lengths, rows, chunk_rows: int):
     """Teacher-force `rows` = [(prompt row b, response ids)] on top of the prompts' cache."""
     device = last.device
-    rows_b = torch.tensor([b for b, _ in rows], device=device)  # (S,)
-    n = torch.tensor([len(ids) for _, ids in rows], device=device)  # (S,) tokens to predict
-    targets = torch.zeros(len(rows), int(n.max()), dtype=torch.long, device=device)  # (S, R)
-    for s, (_, ids) in enumerate(rows):
-        targets[s, : len(ids)] = torch.tensor(ids, device=device)
-    states, segment, flat_targets = last[rows_b], torch.arange(len(rows), device=device), targets[:, 0]
-    if targets.shape[1] > 1:
-        inputs = targets[:, :-1]  # (S, R-1): the last token is predicted, never fed
-        width = inputs.shape[1]
-        resp_mask = torch.arange(width, device=device)[None, :] < (n - 1)[:, None]  # (S, R-1)
-        sub_cache = full_cache(cache, rows_b)
-        rest, _ = split.body(
-            input_ids=inputs,
-            attention_mask=torch.cat([prompt_mask[rows_b], resp_mask.long()], dim=1),
-            position_ids=prompt_lengths[rows_b][:, None] + torch.arange(width, device=device)[None, :],
-            cache=sub_cache,
-            use_cache=True,
-        )  # (S, R-1, D)
-        states = torch.cat([states, rest[resp_mask]])  # (N, D): first tokens, then the rest, real positions only
-        segment = torch.cat([segment, segment[:, None].expand(-1, width)[resp_mask]])
-        flat_targets = torch.cat([flat_targets, targets[:, 1:][resp_mask]])
-    return _per_response(token_stats(states, flat_targets, split.head, chunk_rows), segment, n)
+    owner = torch.tensor([b for b, _ in rows], device=device)  # (S,)
+    tokens, n = padded([ids for _, ids in rows], device)  # (S, R), (S,)
+    states = continue_responses(split, cache, last, prompt_mask, prompt_lengths, owner, tokens, n)  # (N, D)
+    segment = torch.arange(len(rows), device=device).repeat_interleave(n)  # (N,)
+    return _per_response(token_stats(states, tokens[response_positions(n)], split.head, chunk_rows), segment, n)
 
 
 def token_stats(

@@ -57,7 +57,8 @@ from learndyn.models import eval_mode
 from learndyn.memory import check_fits
 from learndyn.probes.files import Probe
 from learndyn.progress import tracked
-from learndyn.scoring import can_pad_prompts, context_length, split_model
+from learndyn.lm import can_pad_prompts, split_model
+from learndyn.scoring import context_length
 
 # Positions reduced at once. (128, V) float32 blocks (25 MB at V=49k) stay under glibc's largest mmap
 # threshold, so the temporaries are reused instead of faulted in afresh: on CPU 2x faster than 256 rows.

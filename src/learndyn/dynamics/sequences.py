@@ -18,7 +18,8 @@ from torch import Tensor
 from learndyn.data import Preference, render_prompt
 from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe
-from learndyn.scoring import encode_probes, full_cache, left_padded, pack_runs, split_model
+from learndyn.lm import continue_responses, full_cache, left_padded, pack_runs, split_model
+from learndyn.scoring import encode_probes
 
 
 @dataclass
@@ -149,7 +150,7 @@ class ProbeBatch:
     """Probe responses that share prompts: the prompts run once, then the responses on their KV cache,
     in runs of similar length (one forward pass each). N counts the response positions."""
 
-    prompts: Tensor  # (B, P) prompt ids, left-padded so that responses follow their prompt (scoring.left_padded)
+    prompts: Tensor  # (B, P) prompt ids, left-padded so that responses follow their prompt (lm.left_padded)
     mask: Tensor  # (B, P) 1 on prompt tokens
     positions: Tensor  # (B, P) position ids of the prompt tokens
     lengths: Tensor  # (B,) prompt lengths
@@ -166,7 +167,7 @@ def probe_batches(seqs: Sequences, budget: int, pad: bool = True) -> Iterator[li
     A batch costs its padded prompts plus its responses. All responses of a prompt go in one batch
     (so the prompt runs once), unless they alone pass the budget: then they are split, and the prompt
     runs once per part. Prompts are taken by length, so their padding stays small; without `pad`
-    (see `scoring.can_pad_prompts`) a batch holds prompts of one length only.
+    (see `lm.can_pad_prompts`) a batch holds prompts of one length only.
     """
     groups: dict[int, list[int]] = {}
     for i, k in enumerate(seqs.prompt):
@@ -220,24 +221,12 @@ def probe_batch(seqs: Sequences, groups: list[list[int]], budget: int, device: A
 
 class SharedPromptLogits(ResponseLogits):
     """`ResponseLogits` for a `ProbeBatch`: each prompt runs once and its responses continue from its
-    KV cache, the way `scoring._score_batch` does. Under jvp the cache holds the prompt's tangents
+    KV cache (`lm.continue_responses`, as scoring does). Under jvp the cache holds the prompt's tangents
     too, so every output equals that of the full (prompt + response) sequence, value and tangent."""
 
     def forward(self, batch: ProbeBatch) -> Tensor:  # type: ignore[override]
-        device, mask = batch.prompts.device, batch.mask
-        states, cache = self.split.body(input_ids=batch.prompts, attention_mask=mask, position_ids=batch.positions,
-                                        cache=full_cache(), use_cache=True)  # (B, P, D)
-        last = states[:, -1]  # (B, D): predicts each first token
-        out = []
-        for owner, tokens, n in batch.runs:  # owner (S,), tokens (S, R), n (S,)
-            h = last[owner][:, None]  # (S, 1, D)
-            at = torch.arange(tokens.shape[1], device=device)
-            if tokens.shape[1] > 1:  # the last token is predicted, never fed
-                fed = (at[None, :-1] < (n - 1)[:, None]).long()  # (S, R-1)
-                own = full_cache(cache, owner)  # each response's copy of its prompt's cache
-                rest, _ = self.split.body(input_ids=tokens[:, :-1], attention_mask=torch.cat([mask[owner], fed], dim=1),
-                                          position_ids=batch.lengths[owner][:, None] + at[None, :-1],
-                                          cache=own, use_cache=True)  # (S, R-1, D)
-                h = torch.cat([h, rest], dim=1)  # (S, R, D)
-            out.append(h[at[None, :] < n[:, None]])  # (Σn, D), response by response
+        states, cache = self.split.body(input_ids=batch.prompts, attention_mask=batch.mask,
+                                        position_ids=batch.positions, cache=full_cache(), use_cache=True)  # (B, P, D)
+        out = [continue_responses(self.split, cache, states[:, -1], batch.mask, batch.lengths, owner, tokens, n)
+               for owner, tokens, n in batch.runs]  # (Σn, D) per run, response by response
         return self.split.head(torch.cat(out))  # (N, V)
