@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from learndyn import build_probes, load_model, load_preferences
-from learndyn.dynamics.explain import explain_step, rank_correlation
+from learndyn.dynamics.step import explain_step, rank_correlation
 from learndyn.dynamics.updates import OptimizerRule
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -19,7 +19,7 @@ import time
 import torch
 
 from learndyn import build_probes, load_model, load_preferences, read_probes
-from learndyn.dynamics.explain import explain_step, predict_naive
+from learndyn.dynamics.step import explain_step, predict_naive
 from learndyn.dynamics.sequences import (
     ResponseLogits,
     SharedPromptLogits,

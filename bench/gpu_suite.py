@@ -183,7 +183,7 @@ def bench_tracking(shape, device, tokenizer, prefs, probes, steps) -> dict:
 
 
 def bench_explain(shape, device, tokenizer, prefs, probes) -> dict:
-    from learndyn.dynamics.explain import explain_step, predict_naive
+    from learndyn.dynamics.step import explain_step, predict_naive
 
     model = build_model(shape, device, torch.float32)  # first-order agreement needs more than bf16
     _reset_peak(device)

@@ -103,7 +103,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from learndyn import load_preferences
-    from learndyn.dynamics.explain import explain_step
+    from learndyn.dynamics.step import explain_step
     from learndyn.dynamics.updates import OptimizerRule
     from learndyn.memory import estimate, free_memory, gb
     from learndyn.probes.files import read_probes

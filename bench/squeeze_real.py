@@ -18,7 +18,7 @@ import argparse
 import pandas as pd
 
 from learndyn import build_probes, load_model, load_preferences
-from learndyn.dynamics.explain import explain_step
+from learndyn.dynamics.step import explain_step
 from learndyn.dynamics.updates import OptimizerRule
 from learndyn.experiments.explain import with_greedy_rejected
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_scoring import FLOAT_METRICS, random_encoded
 
-from learndyn.dynamics.explain import explain_mode
+from learndyn.dynamics.step import explain_mode
 from learndyn.dynamics.sequences import (
     ResponseLogits,
     SharedPromptLogits,
@@ -160,7 +160,7 @@ RECURRENT = {  # models whose cache holds a recurrent state, alone or beside key
 def test_models_with_a_recurrent_state_score_a_sequence_at_a_time(name, tiny_tokenizer, one_thread):
     """Their cache cannot be copied per response: the scorer notices and runs each sequence alone,
     exactly, and explain refuses them in one line instead of a traceback."""
-    from learndyn.dynamics.explain import explain_step
+    from learndyn.dynamics.step import explain_step
     from learndyn.errors import LearndynError
 
     model = tiny_model(*RECURRENT[name], tiny_tokenizer)

@@ -5,7 +5,7 @@ import torch
 from conftest import make_tiny_tokenizer
 
 from learndyn.data import Preference
-from learndyn.dynamics.explain import explain_mode, explain_step, predict_naive
+from learndyn.dynamics.step import explain_mode, explain_step, predict_naive
 from learndyn.dynamics.sequences import (
     ResponseLogits,
     SharedPromptLogits,
@@ -246,7 +246,7 @@ def test_parquet_sink_writes_a_row_group_per_chunk(model64, tmp_path):
 
 def test_failure_mid_run_leaves_no_partial_file(model64, tmp_path, monkeypatch):
     """An error after some chunks were written removes the temporary file and keeps an old result intact."""
-    import learndyn.dynamics.explain as explain_module
+    import learndyn.dynamics.step as explain_module
 
     model, tok = model64
     path = tmp_path / "positions.parquet"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from learndyn.data import Preference
-from learndyn.dynamics.explain import explain_step
+from learndyn.dynamics.step import explain_step
 from learndyn.dynamics.sequences import encode_update
 from learndyn.dynamics.updates import OptimizerRule
 from learndyn.probes.files import Probe

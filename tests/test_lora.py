@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from trl import SFTConfig, SFTTrainer
 
 from learndyn.data import Preference, load_preferences
-from learndyn.dynamics.explain import explain_step, predict_naive
+from learndyn.dynamics.step import explain_step, predict_naive
 from learndyn.dynamics.updates import OptimizerRule
 from learndyn.errors import LearndynError
 from learndyn.models import BASE_RECORD, adapter_base, load_model, record_base, resolve_model
@@ -300,7 +300,7 @@ def test_explain_command_keeps_the_adapter_trainable(tiny_llama, tiny_folder, pr
         seen["trainable"] = [n for n, p in model.named_parameters() if p.requires_grad]
         raise LearndynError("stop here")
 
-    monkeypatch.setattr("learndyn.dynamics.explain.explain_step", spy)
+    monkeypatch.setattr("learndyn.dynamics.step.explain_step", spy)
     with pytest.raises(LearndynError, match="stop here"):
         recipe.run_explain(recipe.ExplainSettings(update="example", probes=str(probe_file), model=str(folder),
                                                   device="cpu"), tmp_path / "out", progress=False)

@@ -32,7 +32,7 @@ _EXPORTS = {
     "score_probes": "learndyn.scoring",
     "LearningDynamicsCallback": "learndyn.training.callback",
     "build_report": "learndyn.report",
-    "explain_step": "learndyn.dynamics.explain",
+    "explain_step": "learndyn.dynamics.step",
     "OptimizerRule": "learndyn.dynamics.updates",
     "LearndynError": "learndyn.errors",
 }

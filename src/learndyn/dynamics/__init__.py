@@ -2,7 +2,7 @@
 
 residuals  G = ∂L/∂z per loss (SFT, DPO, IPO, hinge), written out by hand
 updates    Δθ from a gradient under an optimizer rule (SGD, Adam, AdamW, RMSprop), split by cause
-explain    one LLM step: predicted vs actual change of every probe response, per position
+step       one LLM step explained: predicted vs actual change of every probe response, per position
 sequences  token sequences and prompt-sharing batches for the explainer's passes
 positions  where the explainer's per-position rows go: kept in memory or streamed to Parquet
 classify   the exact classification case: A, K (eNTK) and G as C×C matrices

@@ -1,6 +1,6 @@
 """`learndyn explain`: one update step explained against a probe set, written to a folder.
 
-Loads the model, the update rows and the probes, runs `dynamics.explain.explain_step`, and writes
+Loads the model, the update rows and the probes, runs `dynamics.step.explain_step`, and writes
 OUT/changes.parquet (one row per (example_id, response_type)), OUT/positions.parquet (one row per
 response token, streamed chunk by chunk so that no probe set is too big for memory; see
 `dynamics.positions` for its row order), OUT/summary.json (settings and headline numbers) and
@@ -62,7 +62,7 @@ def run_explain(settings: ExplainSettings, out: str | Path, progress: bool = Tru
     """Explain the step and write the folder; returns the `Explanation` (its `positions` is the path
     of positions.parquet, written while the probes run)."""
     from learndyn.data import load_preferences
-    from learndyn.dynamics.explain import explain_step
+    from learndyn.dynamics.step import explain_step
     from learndyn.dynamics.updates import OptimizerRule
     from learndyn.models import load_model
     from learndyn.probes.files import read_probes
