@@ -207,7 +207,9 @@ def _train(phase: str, config: Optional[Path], flags: dict, resume: bool, overwr
 
 
 def _shards(metrics: Path) -> int:
-    return len(list(metrics.glob("*.parquet"))) if metrics.is_dir() else 0
+    from learndyn.training.runs import metric_shards
+
+    return len(metric_shards(metrics.parent))
 
 
 def _train_help(name: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from learndyn.errors import LearndynError
-from learndyn.training.runs import KEY_COLUMNS, PHASES, read_config, read_metrics
+from learndyn.training.runs import KEY_COLUMNS, PHASES, metric_shards, read_config, read_metrics
 
 KINDS = ("baseline", "extended")
 
@@ -171,7 +171,7 @@ def _parent(run: _Run, given: dict[Path, _Run]) -> _Run | None:
                 return None
             if _key(folder) in given:
                 return given[_key(folder)]
-            if any((folder / "metrics").glob("*.parquet")):
+            if metric_shards(folder):
                 return _load(folder)
             return None
     return None

@@ -38,7 +38,7 @@ def check_run_folder(run: str | Path, *, resume: bool = False, overwrite: bool =
         raise LearndynError("pass --resume or --overwrite, not both")
     if run.exists() and not run.is_dir():
         raise LearndynError(f"{run}: not a folder; a run folder is needed")
-    has_metrics = any((run / "metrics").glob("*.parquet"))
+    has_metrics = bool(metric_shards(run))
     if has_metrics and not (resume or overwrite):
         raise LearndynError(f"{run} already holds metrics; pass --resume to continue it or --overwrite to replace it")
     if overwrite and run.exists() and not is_run(run) and not _is_empty(run):
@@ -121,6 +121,11 @@ def read_config(run: str | Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
 
 
+def metric_shards(run: str | Path, phase: str | None = None) -> list[Path]:
+    """The run's metric shards (one Parquet file per evaluation), in file-name order, of `phase` or all."""
+    return sorted((Path(run) / "metrics").glob(f"{phase}-step*.parquet" if phase else "*.parquet"))
+
+
 def shard_path(run: str | Path, phase: str, step: int) -> Path:
     return Path(run) / "metrics" / f"{phase}-step{step:08d}.parquet"
 
@@ -137,7 +142,7 @@ def read_metrics(run: str | Path) -> Any:
     """All of a run's metrics rows as one DataFrame, ordered by phase and step."""
     import pandas as pd
 
-    shards = sorted((Path(run) / "metrics").glob("*.parquet"))
+    shards = metric_shards(run)
     if not shards:
         raise LearndynError(f"{run}: no metrics (metrics/*.parquet) to read")
     frame = pd.concat([pd.read_parquet(s) for s in shards], ignore_index=True)
@@ -148,4 +153,4 @@ def read_metrics(run: str | Path) -> Any:
 
 def done_steps(run: str | Path, phase: str) -> set[int]:
     """Steps of `phase` already evaluated (a resumed run skips them)."""
-    return {int(p.stem.rsplit("step", 1)[1]) for p in (Path(run) / "metrics").glob(f"{phase}-step*.parquet")}
+    return {int(p.stem.rsplit("step", 1)[1]) for p in metric_shards(run, phase)}
