@@ -69,11 +69,12 @@ def test_delta_is_the_step_torch_takes(tiny_gpt2, loss, max_norm):
                                    rtol=1e-6, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
-def test_one_step_of_our_own_dpo_run_is_explained(tiny_folder, tmp_path, loss):
+@pytest.mark.parametrize("loss,max_length", [("sigmoid", 512), ("ipo", 512), ("sigmoid", 96)])
+def test_one_step_of_our_own_dpo_run_is_explained(tiny_folder, tmp_path, loss, max_length):
     """`train dpo` takes one TRL step (AdamW, the Trainer's gradient clipping at 1.0); explain, given
-    the same batch, loss and rule, lands on the same parameters: its "actual" change of every probe
-    equals the change the run's metrics recorded, and the first-order prediction is close to it."""
+    the same batch, loss, rule and max_length, lands on the same parameters: its "actual" change of
+    every probe equals the change the run's metrics recorded, and the first-order prediction is close
+    to it. At max_length 96 training cuts prompts and sequences: explain must cut them the same way."""
     import pandas as pd
 
     from learndyn.data import load_preferences
@@ -88,17 +89,22 @@ def test_one_step_of_our_own_dpo_run_is_explained(tiny_folder, tmp_path, loss):
     lr = 1e-4
     run = train(TrainSettings(phase="dpo", data="example", probes=str(tmp_path / "p.jsonl"), out=str(tmp_path / "dpo"),
                               model=str(tiny_folder), loss=loss, beta=0.1, learning_rate=lr, limit=4, batch_size=4,
-                              epochs=1, every=1, max_length=512, save_model=False))
+                              epochs=1, every=1, max_length=max_length, save_model=False))
     metrics = read_metrics(run).pivot_table(index=["example_id", "response_type"], columns="step", values="logp_sum")
     recorded = (metrics[1] - metrics[0]).rename("recorded")
 
     model, tokenizer = load_model(str(tiny_folder))
     rule = OptimizerRule("adamw", lr=lr, weight_decay=0.0, max_grad_norm=1.0)  # the Trainer's defaults
-    explained = explain_step(model, tokenizer, load_preferences("example", limit=4), probes,
-                             loss={"sigmoid": "dpo"}.get(loss, loss), beta=0.1, rule=rule).changes
-    both = explained.set_index(["example_id", "response_type"]).join(recorded, how="inner")
+    def explain(cut: int | None) -> pd.DataFrame:
+        changes = explain_step(model, tokenizer, load_preferences("example", limit=4), probes,
+                               loss={"sigmoid": "dpo"}.get(loss, loss), beta=0.1, rule=rule, max_length=cut).changes
+        return changes.set_index(["example_id", "response_type"]).join(recorded, how="inner")
+
+    both = explain(max_length)
     assert len(both) == len(recorded) > 10
     scale = both["recorded"].abs().max()
     assert (both["actual"] - both["recorded"]).abs().max() < 5e-3 * scale  # the same step (fp32 sums of ~1000 nats)
     assert (both["predicted"] - both["recorded"]).abs().max() < 0.05 * scale  # first order
-    assert isinstance(both, pd.DataFrame)
+    if max_length < 512:  # the cut matters: without it, explain describes another step
+        uncut = explain(None)
+        assert (uncut["actual"] - uncut["recorded"]).abs().max() > 0.05 * scale

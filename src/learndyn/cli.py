@@ -366,6 +366,7 @@ def explain(
     types: Annotated[Optional[str], typer.Option(help=_explain_help("types"))] = None,
     probe_limit: Annotated[Optional[int], typer.Option(help=_explain_help("probe_limit"))] = None,
     chunk_tokens: Annotated[Optional[int], typer.Option(help=_explain_help("chunk_tokens"))] = None,
+    max_length: Annotated[Optional[int], typer.Option(help=_explain_help("max_length"))] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help=_explain_help("tokenizer"))] = None,
     device: DeviceOpt = None,
     dtype: Annotated[Optional[str], typer.Option(help=_explain_help("dtype"))] = None,
@@ -377,8 +378,8 @@ def explain(
     given = dict(model=model, rows=rows and _int_list(rows, "--rows"), loss=loss, optimizer=optimizer, lr=lr,
                  weight_decay=weight_decay, max_grad_norm=max_grad_norm, beta=beta, ref_model=ref_model,
                  on_policy=on_policy, types=_names(types), probe_limit=_positive(probe_limit, "--probe-limit"),
-                 chunk_tokens=_positive(chunk_tokens, "--chunk-tokens"), tokenizer=tokenizer, device=device,
-                 dtype=dtype)
+                 chunk_tokens=_positive(chunk_tokens, "--chunk-tokens"), max_length=_positive(max_length, "--max-length"),
+                 tokenizer=tokenizer, device=device, dtype=dtype)
     given = {k: v for k, v in given.items() if v is not None}
     if max_grad_norm == 0:
         given["max_grad_norm"] = None  # no clipping

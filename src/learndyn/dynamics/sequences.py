@@ -32,9 +32,12 @@ class Sequences:
     prompt: list[int] = field(default_factory=list)  # probes: which prompt; such sequences share ids[:start]
 
 
-def encode_update(update: Sequence[Preference], tokenizer: Any, *, pairwise: bool, max_length: int | None) -> Sequences:
+def encode_update(update: Sequence[Preference], tokenizer: Any, *, pairwise: bool, max_length: int | None,
+                  truncate: int | None = None) -> Sequences:
     """Chosen responses (then, for pairwise losses, the rejected ones in the same order), tokenized as
-    TRL tokenizes the rows `train` gives it (see `trained_tokens`), so a step explained is the step taken."""
+    TRL tokenizes the rows `train` gives it (see `trained_tokens`), so a step explained is the step taken.
+    `truncate` is the trainer's max_length: each sequence keeps its first `truncate` tokens (TRL's
+    "keep_start"); `max_length`, the model's context, is a hard limit."""
     if not update:
         raise LearndynError("the update batch is empty")
     sides = ("chosen", "rejected") if pairwise else ("chosen",)
@@ -49,10 +52,14 @@ def encode_update(update: Sequence[Preference], tokenizer: Any, *, pairwise: boo
     for k, side in enumerate(sides):
         for pref in update:
             prompt, responses = encoded[pref.example_id]
-            if max_length is not None and len(prompt) + len(responses[k]) > max_length:
-                raise LearndynError(f"update example '{pref.example_id}' ({side}) is {len(prompt) + len(responses[k])} "
+            ids = (prompt + responses[k])[:truncate]
+            if len(ids) <= len(prompt):
+                raise LearndynError(f"update example '{pref.example_id}' ({side}): its prompt fills max_length "
+                                    f"{truncate}, leaving no response token to train on")
+            if max_length is not None and len(ids) > max_length:
+                raise LearndynError(f"update example '{pref.example_id}' ({side}) is {len(ids)} "
                                     f"tokens, longer than the model's context of {max_length}")
-            seqs.ids.append(prompt + responses[k])
+            seqs.ids.append(ids)
             seqs.starts.append(len(prompt))
             seqs.keys.append((pref.example_id, side))
     return seqs

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, jvp, vmap
 
-from learndyn.data import Preference
+from learndyn.data import Preference, fit_prompts
 from learndyn.dynamics.positions import PositionsSink, positions_sink
 from learndyn.dynamics.residuals import loss_value, residual, sequence_logps, wide
 from learndyn.dynamics.sequences import (
@@ -92,6 +92,7 @@ def explain_step(
     state: dict | None = None,
     types: Sequence[str] | None = None,
     chunk_tokens: int = 1024,
+    max_length: int | None = None,
     top_k: int = 3,
     progress: bool = False,
     keep_delta: bool = False,
@@ -106,7 +107,9 @@ def explain_step(
     for any probe set: each chunk's per-position rows go to `positions_out` as soon as they exist
     (None: kept in memory and returned as a DataFrame; a path: streamed to that Parquet file, see
     `dynamics.positions`), and the per-response and summary totals accumulate chunk by chunk.
-    The model is never modified.
+    `max_length` is a training run's: the update is cut as `train` cuts it (a long prompt keeps its
+    last tokens, then each sequence its first `max_length` tokens, as TRL does) and the probes are
+    scored within it, as the run's callback scores them. The model is never modified.
     """
     rule = rule or OptimizerRule()
     spec = get_loss(loss, explained=True)  # resolved here once; the object goes down
@@ -117,8 +120,10 @@ def explain_step(
                             f"{model.config.model_type} model keeps a recurrent state that cannot be shared that way "
                             "(score and train work on it; explain does not yet)")
     _check_unique_ids(probes)
-    upd = encode_update(update, tokenizer, pairwise=spec.pairwise, max_length=limit)
-    obs = probe_sequences(probes, tokenizer, types, limit)
+    if max_length is not None:
+        update, _ = fit_prompts(list(update), tokenizer, max_length)
+    upd = encode_update(update, tokenizer, pairwise=spec.pairwise, max_length=limit, truncate=max_length)
+    obs = probe_sequences(probes, tokenizer, types, min((n for n in (limit, max_length) if n), default=None))
     timings: dict[str, float] = {}
     params = {f"lm.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     if not params:

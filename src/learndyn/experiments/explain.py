@@ -43,6 +43,8 @@ class ExplainSettings:
     types: tuple[str, ...] | None = setting(None, "Only these response types, comma-separated", shown="all")
     probe_limit: int | None = setting(None, "Use only the first N probe rows")
     chunk_tokens: int = setting(1024, "Probe tokens per pass; lower it if memory runs short")
+    max_length: int | None = setting(None, "The training run's max_length: the update and the probes are cut as "
+                                           "`train` cuts them", shown="no cut within the model's context")
     greedy_tokens: int = setting(64, "Longest greedy response of --on-policy, in tokens")
     device: str | None = setting(None, "cpu, cuda, cuda:1, ...", shown="GPU if present")
     dtype: str | None = setting("float32", "float32 (first-order agreement needs it) or bfloat16")
@@ -87,7 +89,8 @@ def run_explain(settings: ExplainSettings, out: str | Path, progress: bool = Tru
     out = Path(out)
     with reporting_oom("explain"):
         result = explain_step(model, tokenizer, update, probes, loss=loss, rule=rule, beta=settings.beta,
-                              ref_model=ref, types=settings.types, chunk_tokens=settings.chunk_tokens, progress=progress,
+                              ref_model=ref, types=settings.types, chunk_tokens=settings.chunk_tokens,
+                              max_length=settings.max_length, progress=progress,
                               positions_out=out / "positions.parquet")
     write_explanation(result, settings, update, out)
     return result
