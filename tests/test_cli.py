@@ -321,6 +321,22 @@ def test_explain_writes_tables_summary_and_figures(tmp_path, tiny_folder):
     assert (out / "changes.png").stat().st_size > 0 and (out / "squeeze.png").stat().st_size > 0
     assert "after one sigmoid step" in result.stdout  # the loss by TRL's name
 
+    # the report puts the step's mass moved onto argmax tokens beside the squeezing signature
+    from test_report import paper_like
+
+    sft, dpo = paper_like(tmp_path / "runs")
+    shown = learndyn("report", str(sft), str(dpo), "--explain", str(out))
+    assert shown.returncode == 0, shown.stderr
+    mass = summary["argmax_mass"]
+    text = (f"explained step explained (sigmoid, adam lr 0.0001): mass onto argmax tokens {mass['actual_sum']:+.4g} "
+            f"actual, {mass['predicted_sum']:+.4g} predicted, over {summary['positions']} positions")
+    assert text in (dpo / "report.html").read_text()
+    assert "explained step" in shown.stdout and f"{mass['actual_sum']:+.4g}" in shown.stdout  # the table wraps it
+    squeezing = [s for s in json.loads((dpo / "signatures.json").read_text()) if s["name"].startswith("dpo_squeezing")]
+    assert squeezing and all(s["explained_steps"][0]["argmax_mass_actual"] == mass["actual_sum"] for s in squeezing)
+    assert_one_error_line(learndyn("report", str(sft), str(dpo), "--explain", str(tmp_path)),
+                          f"{tmp_path}: not an explain folder (no summary.json)")
+
 
 def test_explain_bad_input_is_one_line(tmp_path, tiny_folder):
     probes = tmp_path / "probes.jsonl"

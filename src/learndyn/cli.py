@@ -296,6 +296,7 @@ def train_dpo(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run folders: an SFT run and the DPO run made --from it, or two such arms.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for figures/, report.html and signatures.json (default: the last run).")] = None,
+    explained: Annotated[Optional[list[Path]], typer.Option("--explain", help="A folder written by `learndyn explain` (repeatable): the mass its step moved onto argmax tokens is shown beside the squeezing signature.")] = None,
 ) -> None:
     """Figures, the signatures table and report.html, from the runs' stored metrics alone."""
     from learndyn.report import build_report, evaluate_signatures
@@ -303,8 +304,8 @@ def report(
     target = out_dir if out_dir is not None else (runs[-1] if runs else None)
     if target is not None and (out_dir is not None or target.is_dir()):
         check_writable(target)
-    page = build_report(runs, out_dir)
-    print_signatures(evaluate_signatures(runs))
+    page = build_report(runs, out_dir, explained=explained or ())
+    print_signatures(evaluate_signatures(runs, explained=explained or ()))
     out.print(f"report: {page}")
 
 
@@ -313,13 +314,15 @@ def print_signatures(signatures: list[dict]) -> None:
     from rich.table import Table
 
     from learndyn.report.page import estimate_text
+    from learndyn.report.signatures import explained_text
 
     view = Table("observation", "arm", "verdict", "effect [interval] (claim)",
                  title="Signatures of the paper's observations (paired bootstrap over probe examples)")
     marks = {"held": "[green]held[/green]", "not held": "[red]not held[/red]", "inconclusive": "[yellow]inconclusive[/yellow]",
              "not applicable": "n/a"}
     for sig in signatures:
-        numbers = "\n".join(estimate_text(e) for e in sig["estimates"])
+        numbers = "\n".join([estimate_text(e) for e in sig["estimates"]]
+                            + [explained_text(s) for s in sig.get("explained_steps", [])])
         view.add_row(sig["name"].split(" [")[0], sig.get("arm") or "both", marks[sig["verdict"]], numbers)
     out.print(view)
 

@@ -1,7 +1,10 @@
 """Report: figures, the paper's signatures and a self-contained HTML page, from stored metrics only.
 
     path = build_report(["runs/sft", "runs/dpo"])    # -> runs/dpo/report.html
-    for sig in evaluate_signatures(["runs/sft", "runs/dpo"]): print(sig["name"], sig["held"])
+    for sig in evaluate_signatures(["runs/sft", "runs/dpo"]): print(sig["name"], sig["verdict"])
+
+`explained` names folders written by `learndyn explain`: the probability mass each explained step
+moved onto argmax tokens is reported beside the squeezing signature (not part of its verdict).
 
 Runs chain into arms (an SFT run and the DPO run started from it share one epoch axis; see arms.py);
 a baseline and an extended arm are overlaid. This layer never imports torch or a model: any report
@@ -17,7 +20,7 @@ from typing import Any
 from learndyn.atomic import write_bytes, write_json
 from learndyn.report import figures, page
 from learndyn.report.arms import load_arms
-from learndyn.report.signatures import evaluate
+from learndyn.report.signatures import attach_explained, evaluate, read_explained
 
 __all__ = ["build_report", "evaluate_signatures"]
 
@@ -29,20 +32,21 @@ FIGURES = {  # file stem -> (caption, plots change from step 0?)
 }
 
 
-def evaluate_signatures(runs: list[str | Path]) -> list[dict[str, Any]]:
-    """The paper's observations checked on `runs`: dicts with name, arm, held (True/False/None),
-    numbers and description (see learndyn.report.signatures)."""
-    return evaluate(load_arms(runs))
+def evaluate_signatures(runs: list[str | Path], explained: Sequence[str | Path] = ()) -> list[dict[str, Any]]:
+    """The paper's observations checked on `runs`: dicts with name, arm, verdict, estimates and
+    description (see learndyn.report.signatures)."""
+    return attach_explained(evaluate(load_arms(runs)), [read_explained(f) for f in explained])
 
 
 def build_report(runs: list[str | Path], out: str | Path | None = None, *,
-                 sections: Sequence[tuple[str, str]] = ()) -> Path:
+                 sections: Sequence[tuple[str, str]] = (), explained: Sequence[str | Path] = ()) -> Path:
     """Write OUT/figures/*.png, OUT/signatures.json and OUT/report.html (OUT defaults to the last
     run's folder), each atomically; return the path of report.html. `sections` are (title, HTML)
     parts placed before the signatures (the comparison's win rates, for one)."""
     arms = load_arms(runs)
+    steps = [read_explained(f) for f in explained]
     out = Path(out) if out is not None else Path(runs[-1])
-    signatures = evaluate(arms)
+    signatures = attach_explained(evaluate(arms), steps)
     pngs = {}
     for stem, (caption, change) in FIGURES.items():
         png = figures.render(arms, change=change)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from learndyn.report.arms import Arm
+from learndyn.report.signatures import explained_text
 from learndyn.vocab import RESPONSE_TYPES
 
 # Settings a reader checks first, in this order; every other config key follows.
@@ -76,8 +77,8 @@ def _signatures(signatures: list[dict[str, Any]]) -> str:
     rows = []
     for sig in signatures:
         mark, cls = MARKS[sig["verdict"]]
-        rows.append([_td(sig["name"]), _td(mark, cls), _td("; ".join(estimate_text(e) for e in sig["estimates"])),
-                     _td(sig["description"])])
+        numbers = [estimate_text(e) for e in sig["estimates"]] + [explained_text(s) for s in sig.get("explained_steps", [])]
+        rows.append([_td(sig["name"]), _td(mark, cls), _td("; ".join(numbers)), _td(sig["description"])])
     return _table(["signature", "verdict", "effect [interval], claim", "what the paper predicts"], rows)
 
 

@@ -28,12 +28,14 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from learndyn.errors import LearndynError, first_line
 from learndyn.report.arms import Arm, Segment
 
 HELD, NOT_HELD, INCONCLUSIVE, NOT_APPLICABLE = "held", "not held", "inconclusive", "not applicable"
@@ -291,6 +293,39 @@ def evaluate(arms: list[Arm]) -> list[dict[str, Any]]:
     if any(arm.on_policy for arm in arms):
         results.append(_result(ON_POLICY_LESS, None, ON_POLICY_DESCRIPTION, _on_policy_squeezes_less(arms)))
     return results
+
+
+def read_explained(folder: str | Path) -> dict[str, Any]:
+    """What one `learndyn explain` folder says about squeezing: the step and the probability mass it
+    moved onto each position's argmax token (summed over the probe positions; > 0: mass went there)."""
+    import json
+
+    path = Path(folder) / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        mass = summary["argmax_mass"]
+        return {"folder": str(folder), "loss": summary["loss"], "optimizer": summary["optimizer"],
+                "lr": summary["lr"], "positions": summary["positions"], "argmax_mass_predicted": mass["predicted_sum"],
+                "argmax_mass_actual": mass["actual_sum"]}
+    except FileNotFoundError:
+        raise LearndynError(f"{folder}: not an explain folder (no summary.json)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise LearndynError(f"{path}: not a summary written by learndyn explain ({first_line(err)})") from None
+
+
+def attach_explained(results: list[dict[str, Any]], steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Put the explained steps beside every squeezing result (reported, not part of its verdict)."""
+    if steps:
+        for result in results:
+            if result["name"].startswith("dpo_squeezing"):
+                result["explained_steps"] = steps
+    return results
+
+
+def explained_text(step: dict[str, Any]) -> str:
+    return (f"explained step {Path(step['folder']).name} ({step['loss']}, {step['optimizer']} lr {step['lr']:g}): "
+            f"mass onto argmax tokens {step['argmax_mass_actual']:+.4g} actual, {step['argmax_mass_predicted']:+.4g} "
+            f"predicted, over {step['positions']} positions")
 
 
 def _paired_dpo_changes(a: Arm, b: Arm, metrics: dict[str, tuple[str, str]]) -> pd.DataFrame | str:
