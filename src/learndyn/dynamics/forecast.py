@@ -1,0 +1,259 @@
+"""Forecasting likelihood displacement before training: which preference pairs will drag chosen down.
+
+For pair i (prompt x, chosen y⁺, rejected y⁻) let u_i = ∇θ log π(y⁺_i) and v_i = ∇θ log π(y⁻_i) at
+the starting model, and L_i = ℓ(h_i) the pair's loss (learndyn.losses; the reference is the
+starting model, so h_i = 0, as at the first step of a DPO run). Its gradient is
+g_i = a_i u_i + b_i v_i with a_i = ∂L_i/∂log π(y⁺), b_i = ∂L_i/∂log π(y⁻) (for DPO a_i = −β/2 = −b_i).
+To first order, an SGD step of size η on pair j changes log π(y⁺_i) by
+
+    c_ij = −η ⟨u_i, g_j⟩                         (the A·K·G term of pair j on response y⁺_i)
+
+    self_predicted_i  = c_ii                     one step on the pair alone: exact, per pair
+    cross_predicted_i = Σ_j c_ij = −η ⟨u_i, G⟩   one pass over all pairs, G = Σ_j g_j: exact, from a
+                                                 second pass that dots each u_i with G
+    top_displacers_i  = the j with the most negative c_ij, from projected gradients
+
+The N×N map c_ij cannot be formed from exact gradients (each has as many entries as the model), so
+u_i and g_j are compressed by a CountSketch S (each coordinate of each parameter tensor hashed to
+one of `projection_dim` buckets with a random sign; E⟨Su, Sg⟩ = ⟨u, g⟩, seeded, no matrix stored):
+c_ij ≈ −η ⟨Su_i, Sg_j⟩. Its row sums estimate cross_predicted; their rank agreement with the exact
+values is reported with every forecast, so a map too noisy to read says so.
+
+CHES (Razin et al., ICLR 2025) is computed from the same forward: with H the sum of the last-layer
+hidden states at the positions that predict the response tokens (the last prompt token through the
+second-to-last response token), CHES = ⟨H⁺, H⁻⟩ − ‖H⁺‖², and its length-normalised form
+⟨H⁺, H⁻⟩/(|y⁺||y⁻|) − ‖H⁺‖²/|y⁺|². Higher means more displacement; `self_predicted` is the exact
+quantity CHES approximates (lower means more displacement).
+
+Pairs are tokenized as TRL tokenizes them for `train dpo` (`sequences.encode_update`), cut at the
+run's `max_length` when given. A pair that cannot be scored (its prompt fills max_length, it is longer
+than the model's context) is kept with NaN scores and a `note`, never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from learndyn.data import Preference, fit_prompts
+from learndyn.dynamics.residuals import margin, sequence_logps
+from learndyn.dynamics.sequences import encode_update, full_inputs
+from learndyn.errors import LearndynError
+from learndyn.lm import split_model
+from learndyn.losses import Loss, get_loss
+from learndyn.models import eval_mode
+from learndyn.progress import tracked
+from learndyn.scoring import context_length
+
+__all__ = ["CountSketch", "Forecast", "forecast_pairs", "ches_scores"]
+
+COLUMNS = ("example_id", "ches", "ches_normalized", "self_predicted", "cross_predicted", "cross_projected",
+           "logp_chosen", "logp_rejected", "n_chosen", "n_rejected", "top_displacers", "note")
+
+
+@dataclass
+class Forecast:
+    """Per-pair rows (COLUMNS) and, with `cross`, the projected map `kernel` (N, N): kernel[i, j] =
+    c_ij, the first-order change of log π(y⁺_i) from one step on pair j (NaN rows for noted pairs)."""
+
+    pairs: Any  # pandas DataFrame
+    kernel: np.ndarray | None
+    summary: dict[str, Any]
+
+
+class CountSketch:
+    """A seeded CountSketch of a list of parameter tensors into `dim` buckets.
+
+    Coordinate k of tensor t goes to bucket h_t(k) with sign s_t(k), both drawn from a generator
+    seeded by (seed, t), so the same coordinates always meet the same buckets without storing a
+    projection matrix; the drawn indices are cached while they fit in `cache_bytes` (4 bytes per
+    coordinate) and drawn again otherwise."""
+
+    def __init__(self, shapes: Sequence[torch.Size], dim: int, seed: int = 0, cache_bytes: int = 2**30):
+        if dim < 1:
+            raise LearndynError(f"projection_dim must be at least 1, got {dim}")
+        self.shapes, self.dim, self.seed = list(shapes), dim, seed
+        self.cache = sum(s.numel() for s in self.shapes) * 4 <= cache_bytes
+        self._index: dict[int, Tensor] = {}
+
+    def _signed_bucket(self, t: int) -> Tensor:
+        """Per coordinate, an index into 2·dim slots: bucket b with sign + is b, with sign − is dim + b."""
+        if t in self._index:
+            return self._index[t]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + t)
+        index = torch.randint(0, 2 * self.dim, (self.shapes[t].numel(),), generator=generator, dtype=torch.int32)
+        if self.cache:
+            self._index[t] = index
+        return index
+
+    def __call__(self, tensors: Sequence[Tensor]) -> Tensor:
+        """S·x for x the concatenation of `tensors` (float64, (dim,))."""
+        slots = torch.zeros(2 * self.dim, dtype=torch.float64)
+        for t, x in enumerate(tensors):
+            slots.index_add_(0, self._signed_bucket(t), x.detach().reshape(-1).to("cpu", torch.float64))
+        return slots[: self.dim] - slots[self.dim:]
+
+
+def ches_scores(h_chosen: Tensor, h_rejected: Tensor) -> tuple[float, float]:
+    """(CHES, length-normalised CHES) from the hidden states (n⁺, D) and (n⁻, D) at the positions that
+    predict each response's tokens."""
+    a, b = h_chosen.double().sum(0), h_rejected.double().sum(0)
+    n_a, n_b = len(h_chosen), len(h_rejected)
+    cross, own = float(a @ b), float(a @ a)
+    return cross - own, cross / (n_a * n_b) - own / n_a**2
+
+
+def forecast_pairs(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[Preference],
+    *,
+    loss: str | Loss = "sigmoid",
+    beta: float = 0.1,
+    lr: float = 1e-6,
+    cross: bool = False,
+    projection_dim: int | None = 8192,
+    top: int = 3,
+    max_length: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Forecast:
+    """Forecast every pair (module docstring). `projection_dim=None` keeps exact gradients for the map
+    (tiny models only: N·2 vectors of the model's size). The model is never modified."""
+    import pandas as pd
+
+    spec = get_loss(loss, explained=True)
+    if not spec.pairwise:
+        raise LearndynError(f"forecast needs a pairwise loss (sigmoid, ipo, ...), not '{spec.name}'")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise LearndynError("the model has no trainable parameters")
+    if max_length is not None:
+        pairs, _ = fit_prompts(list(pairs), tokenizer, max_length)
+    sketch = (CountSketch([p.shape for p in params], projection_dim, seed)
+              if cross and projection_dim is not None else None)
+    rows, chosen_vecs, step_vecs = [], [], []
+    total = [torch.zeros_like(p, dtype=torch.float32) for p in params] if cross else None
+    context = context_length(model)
+    with eval_mode(model):
+        label = "Forecast (pass 1 of 2)" if cross else "Forecast"
+        for pref in tracked(pairs, label if progress else None, len(pairs)):
+            row = {"example_id": pref.example_id, "note": ""}
+            try:
+                seqs = encode_update([pref], tokenizer, pairwise=True, max_length=context, truncate=max_length)
+            except LearndynError as err:
+                rows.append({**row, "note": f"not scored: {err}"})
+                chosen_vecs.append(None)
+                step_vecs.append(None)
+                continue
+            u, v, a, b, stats = _pair_gradients(model, seqs, spec, beta)
+            step = [a * x + b * y for x, y in zip(u, v)]  # g = ∇L
+            row.update(stats, self_predicted=-lr * _dot(u, step))
+            if seqs.ids[0] == seqs.ids[1]:
+                row["note"] = "chosen and rejected are the same tokens: the pair has no gradient"
+            rows.append(row)
+            if cross:
+                for acc, g in zip(total, step):
+                    acc += g.float()
+                chosen_vecs.append(sketch(u) if sketch else [x.detach().clone() for x in u])
+                step_vecs.append(sketch(step) if sketch else [x.detach().clone() for x in step])
+        kernel = None
+        if cross:
+            kernel = _kernel(chosen_vecs, step_vecs, lr, exact=sketch is None)
+            for pref, row in tracked(list(zip(pairs, rows)), "Forecast (pass 2 of 2)" if progress else None, len(rows)):
+                if row["note"].startswith("not scored"):
+                    continue
+                seqs = encode_update([pref], tokenizer, pairwise=True, max_length=context, truncate=max_length)
+                row["cross_predicted"] = -lr * _dot(_chosen_gradient(model, seqs), total)
+    frame = pd.DataFrame(rows)
+    if kernel is not None:
+        frame["cross_projected"] = np.nansum(kernel, axis=1)
+        frame.loc[np.isnan(kernel).all(axis=1), "cross_projected"] = np.nan
+        ids = list(frame["example_id"])
+        frame["top_displacers"] = [_most_negative(row, ids, top) for row in kernel]
+    frame = frame.reindex(columns=[c for c in COLUMNS if c in frame.columns or c == "note"])
+    return Forecast(frame, kernel, _summary(frame, spec, beta, lr, cross, projection_dim))
+
+
+def _pair_gradients(model: Any, seqs, spec: Loss, beta: float):
+    """u = ∇log π(y⁺), v = ∇log π(y⁻), and a, b = ∂L/∂log π(y±) at h = 0, with CHES and the log-probs."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids, mask, rows, cols, labels, seq = full_inputs(seqs, [0, 1], model.device)
+    hidden, logits = _response_states(model, ids, mask, rows, cols)
+    logps = sequence_logps(logits, labels, seq, 2)  # (2,)
+    u = torch.autograd.grad(logps[0], params, retain_graph=True, allow_unused=True, materialize_grads=True)
+    v = torch.autograd.grad(logps[1], params, allow_unused=True, materialize_grads=True)
+    leaf = logps.detach().clone().requires_grad_(True)
+    lengths = torch.bincount(seq, minlength=2) if spec.per_token else None
+    value = spec.value(margin(leaf, leaf.detach(), lengths), beta).sum()  # the pair's own loss, h = 0
+    a, b = torch.autograd.grad(value, leaf)[0].tolist()
+    ches, ches_normalized = ches_scores(hidden[seq == 0].detach(), hidden[seq == 1].detach())
+    n = torch.bincount(seq, minlength=2)
+    stats = {"ches": ches, "ches_normalized": ches_normalized, "logp_chosen": float(logps[0]),
+             "logp_rejected": float(logps[1]), "n_chosen": int(n[0]), "n_rejected": int(n[1])}
+    return u, v, a, b, stats
+
+
+def _chosen_gradient(model: Any, seqs) -> tuple[Tensor, ...]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids, mask, rows, cols, labels, seq = full_inputs(seqs, [0], model.device)
+    _, logits = _response_states(model, ids, mask, rows, cols)
+    return torch.autograd.grad(sequence_logps(logits, labels, seq, 1)[0], params, allow_unused=True,
+                               materialize_grads=True)
+
+
+def _response_states(model: Any, ids: Tensor, mask: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Last-layer hidden states (N, D) and logits (N, V) at the positions that predict response tokens."""
+    split = split_model(model)
+    if split.fused:
+        states, _ = split.body(input_ids=ids, attention_mask=mask, use_cache=False)
+        hidden = states[rows, cols]
+        return hidden, split.head(hidden)
+    out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+    return out.hidden_states[-1][rows, cols], out.logits[rows, cols]
+
+
+def _dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> float:
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(xs, ys)))
+
+
+def _kernel(chosen: list, steps: list, lr: float, exact: bool) -> np.ndarray:
+    """c_ij = −lr ⟨u_i, g_j⟩ from sketches (or exact vectors); NaN where a pair was not scored."""
+    n = len(chosen)
+    kernel = np.full((n, n), np.nan)
+    live = [i for i in range(n) if chosen[i] is not None]
+    if not live:
+        return kernel
+    if exact:
+        for i in live:
+            for j in live:
+                kernel[i, j] = -lr * _dot(chosen[i], steps[j])
+        return kernel
+    u = torch.stack([chosen[i] for i in live]).numpy()
+    g = torch.stack([steps[j] for j in live]).numpy()
+    kernel[np.ix_(live, live)] = -lr * (u @ g.T)
+    return kernel
+
+
+def _most_negative(row: np.ndarray, ids: list[str], top: int) -> list[str]:
+    order = [j for j in np.argsort(row) if np.isfinite(row[j]) and row[j] < 0]
+    return [ids[j] for j in order[:top]]
+
+
+def _summary(frame: Any, spec: Loss, beta: float, lr: float, cross: bool, projection_dim: int | None) -> dict:
+    from learndyn.dynamics.step import rank_correlation
+
+    scored = frame[~frame["note"].str.startswith("not scored")]
+    summary = {"loss": spec.name, "beta": beta, "lr": lr, "pairs": len(frame), "scored": len(scored),
+               "notes": {row.example_id: row.note for row in frame.itertuples() if row.note},
+               "self_predicted_negative": int((scored["self_predicted"] < 0).sum())}
+    if cross:
+        summary.update(projection_dim=projection_dim,
+                       cross_predicted_negative=int((scored["cross_predicted"] < 0).sum()),
+                       projection_rank_agreement=rank_correlation(scored["cross_projected"], scored["cross_predicted"]))
+    return summary

@@ -1,0 +1,131 @@
+"""forecast: CHES from hidden states, the self term against a real SGD step, the cross term against the
+explicit sum of per-pair kernels, the CountSketch against exact inner products. Tiny float64 models."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from learndyn.data import Preference
+from learndyn.dynamics.forecast import CountSketch, forecast_pairs
+from learndyn.dynamics.sequences import encode_update
+from learndyn.dynamics.step import rank_correlation
+
+PAIRS = [
+    Preference("p0", "Human: How do I make tea? Assistant:", " Boil the water, then steep.", " I cannot help."),
+    Preference("p1", "Human: What is a horseshoe? Assistant:", " A U-shaped metal plate.", " No idea at all, sorry."),
+    Preference("p2", "Human: Name a colour. Assistant:", " Blue.", " Blue, I think."),
+    Preference("p3", "Human: Is tea hot? Assistant:", " Usually it is served hot.", " Usually it is served cold."),
+    Preference("p4", "Human: Count to three. Assistant:", " One, two, three.", " One, two, four."),
+]
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny64(request, tiny_gpt2, tiny_llama):
+    model, tokenizer = {"gpt2": tiny_gpt2, "llama": tiny_llama}[request.param]
+    return model.double(), tokenizer
+
+
+def chosen_logp(model, tokenizer, pref: Preference, side: int = 0) -> torch.Tensor:
+    """log π of one side, one plain forward of the whole sequence."""
+    seqs = encode_update([pref], tokenizer, pairwise=True, max_length=None)
+    ids, start = seqs.ids[side], seqs.starts[side]
+    x = torch.tensor([ids])
+    logp = torch.log_softmax(model(x).logits[0, :-1].double(), -1)
+    return logp[torch.arange(start - 1, len(ids) - 1), x[0, start:]].sum()
+
+
+def test_ches_is_computed_from_the_last_hidden_states(tiny64):
+    model, tokenizer = tiny64
+    got = forecast_pairs(model, tokenizer, PAIRS[:2]).pairs.set_index("example_id")
+    for pref in PAIRS[:2]:
+        sums, lengths = [], []
+        seqs = encode_update([pref], tokenizer, pairwise=True, max_length=None)
+        for ids, start in zip(seqs.ids, seqs.starts):
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+            sums.append(hidden[start - 1: len(ids) - 1].sum(0))  # last prompt token .. second-to-last token
+            lengths.append(len(ids) - start)
+        plus, minus = sums
+        expected = float(plus @ minus - plus @ plus)
+        normalized = float(plus @ minus / (lengths[0] * lengths[1]) - plus @ plus / lengths[0] ** 2)
+        assert got.loc[pref.example_id, "ches"] == pytest.approx(expected, rel=1e-9)
+        assert got.loc[pref.example_id, "ches_normalized"] == pytest.approx(normalized, rel=1e-9)
+        assert got.loc[pref.example_id, "n_chosen"] == lengths[0]
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_self_predicted_is_the_first_order_change_of_one_sgd_step(tiny64, loss):
+    """An SGD step on the pair's own loss (ref = the starting model), taken by torch.optim.SGD on the
+    loss written out by hand: the change of log π(y⁺) matches self_predicted to first order."""
+    model, tokenizer = tiny64
+    lr, beta = 1e-4, 0.1
+    predicted = forecast_pairs(model, tokenizer, PAIRS[:3], loss=loss, beta=beta, lr=lr).pairs
+    for pref, row in zip(PAIRS[:3], predicted.itertuples()):
+        moved = copy.deepcopy(model)
+        ref = [chosen_logp(model, tokenizer, pref, side).detach() for side in (0, 1)]
+        plus, minus = (chosen_logp(moved, tokenizer, pref, side) for side in (0, 1))
+        seqs = encode_update([pref], tokenizer, pairwise=True, max_length=None)
+        n_plus, n_minus = (len(ids) - start for ids, start in zip(seqs.ids, seqs.starts))
+        if loss == "sigmoid":
+            value = -torch.nn.functional.logsigmoid(beta * ((plus - ref[0]) - (minus - ref[1])))
+        else:  # TRL's ipo: each log-ratio per completion token
+            value = ((plus - ref[0]) / n_plus - (minus - ref[1]) / n_minus - 1 / (2 * beta)) ** 2
+        optimizer = torch.optim.SGD(moved.parameters(), lr=lr)
+        value.backward()
+        optimizer.step()
+        actual = float(chosen_logp(moved, tokenizer, pref) - ref[0])
+        assert row.logp_chosen == pytest.approx(float(ref[0]), rel=1e-9)
+        assert row.self_predicted == pytest.approx(actual, rel=2e-2), (pref.example_id, row.self_predicted, actual)
+        assert abs(row.self_predicted) > 1e-6  # not trivially zero
+
+
+def test_cross_predicted_is_the_sum_of_the_exact_per_pair_kernels(tiny64):
+    """Two routes: the second pass dots u_i with the summed gradient G; the exact map stores every u_i
+    and g_j. Row sums of the map must equal cross_predicted, its diagonal self_predicted."""
+    model, tokenizer = tiny64
+    result = forecast_pairs(model, tokenizer, PAIRS, lr=1e-4, cross=True, projection_dim=None)
+    frame, kernel = result.pairs, result.kernel
+    np.testing.assert_allclose(kernel.sum(axis=1), frame["cross_predicted"], rtol=1e-5)
+    np.testing.assert_allclose(np.diag(kernel), frame["self_predicted"], rtol=1e-9)
+    most = frame.loc[0, "top_displacers"]
+    assert list(most) == [PAIRS[j].example_id for j in np.argsort(kernel[0]) if kernel[0, j] < 0][:3]
+
+
+def test_the_sketch_agrees_with_exact_inner_products(tiny64):
+    model, tokenizer = tiny64
+    exact = forecast_pairs(model, tokenizer, PAIRS, lr=1e-4, cross=True, projection_dim=None).kernel
+    sketched = forecast_pairs(model, tokenizer, PAIRS, lr=1e-4, cross=True, projection_dim=16384)
+    rho = rank_correlation(pd.Series(sketched.kernel.ravel()), pd.Series(exact.ravel()))
+    assert rho > 0.95, rho
+    assert sketched.summary["projection_rank_agreement"] > 0.9
+
+
+def test_count_sketch_is_unbiased_and_seeded():
+    shapes = [torch.Size([300, 20]), torch.Size([50])]
+    gen = torch.Generator().manual_seed(1)
+    x = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    y = [a + 0.5 * torch.randn(a.shape, generator=gen, dtype=torch.float64) for a in x]
+    exact = float(sum((a * b).sum() for a, b in zip(x, y)))
+    estimates = []
+    for seed in range(200):
+        sketch = CountSketch(shapes, 256, seed=seed)
+        estimates.append(float(sketch(x) @ sketch(y)))
+    assert np.mean(estimates) == pytest.approx(exact, rel=0.02)
+    again = CountSketch(shapes, 256, seed=3)
+    assert torch.equal(again(x), CountSketch(shapes, 256, seed=3, cache_bytes=0)(x))  # cached or drawn again
+
+
+def test_a_pair_that_cannot_be_scored_is_kept_with_a_note(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    long = Preference("long", "Human: Talk. Assistant:", " tea" * 600, " No.")  # past the 512-token context
+    same = Preference("same", "Human: Hi. Assistant:", " Hello.", " Hello.")
+    result = forecast_pairs(model, tokenizer, [PAIRS[0], long, same], cross=True)
+    frame = result.pairs.set_index("example_id")
+    assert frame.loc["long", "note"].startswith("not scored:") and "context of 512" in frame.loc["long", "note"]
+    assert np.isnan(frame.loc["long", "self_predicted"]) and np.isnan(result.kernel[1]).all()
+    assert "same tokens" in frame.loc["same", "note"] and abs(frame.loc["same", "self_predicted"]) < 1e-9
+    assert result.summary["scored"] == 2 and set(result.summary["notes"]) == {"long", "same"}
