@@ -129,3 +129,34 @@ def test_a_pair_that_cannot_be_scored_is_kept_with_a_note(tiny_gpt2):
     assert np.isnan(frame.loc["long", "self_predicted"]) and np.isnan(result.kernel[1]).all()
     assert "same tokens" in frame.loc["same", "note"] and abs(frame.loc["same", "self_predicted"]) < 1e-9
     assert result.summary["scored"] == 2 and set(result.summary["notes"]) == {"long", "same"}
+
+
+def test_forecast_command_writes_the_folder_and_drops_the_most_displacing_pairs(tmp_path, tiny_folder):
+    import json
+
+    from test_cli import assert_one_error_line, learndyn, read_rows
+
+    from learndyn.data import load_preferences
+
+    out = tmp_path / "fc"
+    result = learndyn("forecast", "--data", "example", "--limit", "6", "--model", str(tiny_folder), "--cross",
+                      "--projection-dim", "4096", "--drop-top", "34%", "--lr", "1e-5", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_parquet(out / "forecast.parquet")
+    assert list(frame["example_id"]) == [p.example_id for p in load_preferences("example", limit=6)]
+    assert {"ches", "ches_normalized", "self_predicted", "cross_predicted", "top_displacers"} <= set(frame.columns)
+    kernel = np.load(out / "displacement.npy")
+    assert kernel.shape == (6, 6)
+    summary = json.loads((out / "summary.json").read_text())
+    worst = list(frame.sort_values("cross_predicted")["example_id"][:2])  # 34% of 6 pairs: 2
+    assert sorted(summary["dropped"]) == sorted(worst)
+    kept = [row["example_id"] for row in read_rows(out / "filtered.jsonl")]
+    assert kept == [e for e in frame["example_id"] if e not in worst]
+    assert [p.example_id for p in load_preferences(str(out / "filtered.jsonl"))] == kept  # train dpo reads it
+    page = (out / "forecast.html").read_text()
+    assert "Most displacing pairs" in page and "Displacement map" in page and worst[0] in page
+    assert "forecast to lower their own chosen" in result.stdout
+    assert_one_error_line(learndyn("forecast", "--data", "example", "--drop-top", "half", "--out", str(out)),
+                          "--drop-top takes a percentage")
+    assert_one_error_line(learndyn("forecast", "--data", "example", "--loss", "sft", "--out", str(out)),
+                          "pairwise loss")

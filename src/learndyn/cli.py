@@ -411,6 +411,62 @@ def print_explanation(summary: dict) -> None:
               f"{summary['argmax_mass']['actual_sum']:+.4f} over {summary['positions']} positions")
 
 
+def _forecast_help(name: str) -> str:
+    from learndyn.experiments.forecast import ForecastSettings
+
+    return option_help(ForecastSettings, name)
+
+
+@app.command()
+def forecast(
+    data: Annotated[str, typer.Option(help=_forecast_help("data"))],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for forecast.parquet, summary.json, forecast.html (and displacement.npy, filtered.jsonl).")] = Path("learndyn-forecast"),
+    model: Annotated[Optional[str], typer.Option(help=_forecast_help("model"))] = None,
+    loss: Annotated[Optional[str], typer.Option(help=f"{', '.join(n for n in loss_names(explained=True) if n != 'sft')}: " + _forecast_help("loss"))] = None,
+    beta: Annotated[Optional[float], typer.Option(help=_forecast_help("beta"))] = None,
+    lr: Annotated[Optional[float], typer.Option(help=_forecast_help("lr"))] = None,
+    cross: Annotated[Optional[bool], typer.Option("--cross", help=_forecast_help("cross"))] = None,
+    projection_dim: Annotated[Optional[int], typer.Option(help=_forecast_help("projection_dim"))] = None,
+    top: Annotated[Optional[int], typer.Option(help=_forecast_help("top"))] = None,
+    drop_top: Annotated[Optional[str], typer.Option(help=_forecast_help("drop_top") + " Written as 5% or 5.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help=_forecast_help("max_length"))] = None,
+    limit: Annotated[Optional[int], typer.Option(help=_forecast_help("limit"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_forecast_help("seed"))] = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Forecast, before training, which preference pairs will lower their chosen responses' likelihood
+    (and which pairs drag which), with CHES beside the exact first-order forecast."""
+    from learndyn.experiments.forecast import ForecastSettings, run_forecast
+
+    given = dict(model=model, loss=loss, beta=beta, lr=lr, cross=cross, projection_dim=projection_dim, top=top,
+                 drop_top=_percent(drop_top, "--drop-top"), max_length=_positive(max_length, "--max-length"),
+                 limit=_positive(limit, "--limit"), seed=seed, device=device)
+    settings = ForecastSettings(data=data, **{k: v for k, v in given.items() if v is not None})
+    check_writable(out_dir)
+    summary = run_forecast(settings, out_dir)
+    score = summary["ranking_score"]
+    negative = summary.get("cross_predicted_negative", summary["self_predicted_negative"])
+    out.print(f"{summary['scored']} of {summary['pairs']} pairs forecast; {negative} are forecast to lower their own "
+              f"chosen response ({score} < 0)")
+    if summary.get("projection_rank_agreement") is not None:
+        out.print(f"  displacement map: {summary['projection_dim']}-dim sketch, row sums vs exact cross_predicted: "
+                  f"rank correlation {summary['projection_rank_agreement']:.3f}")
+    for example_id, note in summary["notes"].items():
+        out.print(f"  {example_id}: {note}", highlight=False)
+    if "dropped" in summary:
+        out.print(f"  dropped {len(summary['dropped'])} pairs: {out_dir / 'filtered.jsonl'}")
+    out.print(f"written: {out_dir}/forecast.parquet, summary.json, forecast.html")
+
+
+def _percent(text: str | None, option: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise LearndynError(f"{option} takes a percentage such as 5% or 5, got '{text}'") from None
+
+
 @app.command()
 def squeeze(
     case: Annotated[Optional[str], typer.Option(help="One case (default: all); see the list in the error for a bad name.")] = None,

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from learndyn.judging.winrate import rate_text
 from learndyn.report.figures import plain
-from learndyn.report.page import _fmt, _table, _td
+from learndyn.report.page import fmt, html_table, cell
 
 # Intrinsic measures shown, in this order: (summary key, column header).
 MEASURES = (("mean_words", "words"), ("mean_tokens", "tokens"), ("distinct_1", "distinct-1"),
@@ -47,15 +47,15 @@ def sections(summary: dict[str, Any], figure: bytes | None = None) -> list[tuple
 def _win_rates(summary: dict[str, Any], figure: bytes | None) -> str:
     rows = []
     for r in summary["win_rates"]:
-        rows.append([_td(r["a"]), _td(r["b"]), _td(rate_text(r)), _td(r["wins"]), _td(r["losses"]), _td(r["ties"]),
-                     _td(r["unparsed"]), _td(r["inconsistent"])])
+        rows.append([cell(r["a"]), cell(r["b"]), cell(rate_text(r)), cell(r["wins"]), cell(r["losses"]), cell(r["ties"]),
+                     cell(r["unparsed"]), cell(r["inconsistent"])])
     settings = summary["settings"]
     intro = (f"<p>{summary['held_out_prompts']} held-out prompts of <code>{html.escape(settings['eval_data'])}</code>, "
              f"answered greedily (at most {settings['max_new_tokens']} new tokens) by each checkpoint and judged "
              f"by <code>{html.escape(summary['judge'])}</code> in both orders. The win rate of A counts ties as "
              "half; unparsed pairs are left out; \"orders disagreed\" counts pairs whose two orders named "
              "opposite winners (position bias).</p>")
-    table = _table(["A", "B", "win rate of A [95% CI]", "A wins", "B wins", "ties", "unparsed", "orders disagreed"],
+    table = html_table(["A", "B", "win rate of A [95% CI]", "A wins", "B wins", "ties", "unparsed", "orders disagreed"],
                    rows)
     img = ""
     if figure is not None:
@@ -66,9 +66,9 @@ def _win_rates(summary: dict[str, Any], figure: bytes | None) -> str:
 
 def _intrinsic(summary: dict[str, Any]) -> str:
     shown = [(key, header) for key, header in MEASURES if any(key in m for m in summary["intrinsic"].values())]
-    rows = [[_td(name), *(_td(_fmt(m.get(key))) for key, _ in shown)] for name, m in summary["intrinsic"].items()]
+    rows = [[cell(name), *(cell(fmt(m.get(key))) for key, _ in shown)] for name, m in summary["intrinsic"].items()]
     intro = ("<p>Per checkpoint: answer length, distinct-1/2 over all answers, the mean within-answer repetition "
              "rate of 3-grams (loops), and the teacher-forced log-probability and argmax_logp of the held-out "
              "chosen responses. Off-policy DPO is predicted to lower held-out chosen, raise argmax_logp and "
              "make answers repeat; extension is predicted to soften this.</p>")
-    return intro + _table(["checkpoint", *(html.escape(h) for _, h in shown)], rows)
+    return intro + html_table(["checkpoint", *(html.escape(h) for _, h in shown)], rows)

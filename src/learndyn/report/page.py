@@ -55,22 +55,22 @@ def render(arms: list[Arm], signatures: list[dict[str, Any]], figures: dict[str,
     return "\n".join(parts)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def html_table(header: list[str], rows: list[list[str]]) -> str:
     """An HTML table; cells are already escaped HTML."""
     head = "".join(f"<th>{h}</th>" for h in header)
     body = "".join("<tr>" + "".join(row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _td(text: Any, cls: str = "") -> str:
+def cell(text: Any, cls: str = "") -> str:
     attr = f' class="{cls}"' if cls else ""
     return f"<td{attr}>{html.escape(str(text))}</td>"
 
 
 def _arms(arms: list[Arm]) -> str:
-    rows = [[_td(arm.label), _td(arm.kind), _td(" → ".join(f"{s.phase.upper()}: {s.run}" for s in arm.segments))]
+    rows = [[cell(arm.label), cell(arm.kind), cell(" → ".join(f"{s.phase.upper()}: {s.run}" for s in arm.segments))]
             for arm in arms]
-    return _table(["arm", "kind", "phases and runs, in training order"], rows)
+    return html_table(["arm", "kind", "phases and runs, in training order"], rows)
 
 
 def _signatures(signatures: list[dict[str, Any]]) -> str:
@@ -78,14 +78,14 @@ def _signatures(signatures: list[dict[str, Any]]) -> str:
     for sig in signatures:
         mark, cls = MARKS[sig["verdict"]]
         numbers = [estimate_text(e) for e in sig["estimates"]] + [explained_text(s) for s in sig.get("explained_steps", [])]
-        rows.append([_td(sig["name"]), _td(mark, cls), _td("; ".join(numbers)), _td(sig["description"])])
-    return _table(["signature", "verdict", "effect [interval], claim", "what the paper predicts"], rows)
+        rows.append([cell(sig["name"]), cell(mark, cls), cell("; ".join(numbers)), cell(sig["description"])])
+    return html_table(["signature", "verdict", "effect [interval], claim", "what the paper predicts"], rows)
 
 
 def estimate_text(e: dict[str, Any]) -> str:
     """'quantity = effect [low, high] (claim)': the interval at its level when that is not 95%."""
     level = "" if abs(e["level"] - 0.95) < 1e-9 else f" at {e['level']:.1%}"
-    return f"{e['quantity']} = {_fmt(e['effect'])} [{_fmt(e['low'])}, {_fmt(e['high'])}{level}] ({e['claim']})"
+    return f"{e['quantity']} = {fmt(e['effect'])} [{fmt(e['low'])}, {fmt(e['high'])}{level}] ({e['claim']})"
 
 
 def _settings(arms: list[Arm]) -> str:
@@ -95,17 +95,17 @@ def _settings(arms: list[Arm]) -> str:
             runs.setdefault(f"{seg.run.name} ({arm.label})", seg.config)
     keys = [k for k in MAIN_SETTINGS if any(k in c for c in runs.values())]
     keys += list(dict.fromkeys(k for c in runs.values() for k in c if k not in keys))
-    rows = [[_td(key)] + [_td(_fmt(config.get(key, ""))) for config in runs.values()] for key in keys]
-    return _table(["setting", *(html.escape(name) for name in runs)], rows)
+    rows = [[cell(key)] + [cell(fmt(config.get(key, ""))) for config in runs.values()] for key in keys]
+    return html_table(["setting", *(html.escape(name) for name in runs)], rows)
 
 
 def _vocabulary(arms: list[Arm]) -> str:
     present = set().union(*(arm.types() for arm in arms))
-    rows = [[_td(name), _td(symbol), _td(how)] for name, (symbol, how) in RESPONSE_TYPES.items() if name in present]
-    return _table(["response type", "paper symbol", "how it is made"], rows)
+    rows = [[cell(name), cell(symbol), cell(how)] for name, (symbol, how) in RESPONSE_TYPES.items() if name in present]
+    return html_table(["response type", "paper symbol", "how it is made"], rows)
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, float):

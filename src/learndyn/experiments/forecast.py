@@ -1,0 +1,112 @@
+"""`learndyn forecast`: which preference pairs will drag the chosen responses down, before training.
+
+Loads the model and DATA, runs `dynamics.forecast.forecast_pairs` and writes, each atomically:
+
+    OUT/forecast.parquet   one row per pair: ches, ches_normalized, self_predicted, [cross_predicted,
+                           cross_projected, top_displacers], logp_chosen, logp_rejected, note
+    OUT/displacement.npy   with --cross: the projected map c_ij (N, N), rows and columns in DATA's order
+    OUT/summary.json       settings and headline numbers
+    OUT/forecast.html      distributions, the most displacing pairs with their texts, the map
+    OUT/filtered.jsonl     with drop_top: DATA without the most displacing pairs (`train dpo --data`)
+
+The ranking score is `cross_predicted` with --cross, else `self_predicted`: the first-order change of
+log π(y⁺); the most negative displace the most.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from learndyn.atomic import write_bytes, write_json, write_jsonl
+from learndyn.errors import LearndynError
+from learndyn.losses import get_loss
+from learndyn.models import BUILTIN_MODEL
+from learndyn.settings import setting
+
+__all__ = ["ForecastSettings", "run_forecast", "drop_top", "ranking_score"]
+
+
+@dataclass(frozen=True)
+class ForecastSettings:
+    """One forecast; saved in summary.json."""
+
+    data: str = setting(help="Preference data to forecast (any format `probes build` reads)")
+    model: str = setting(BUILTIN_MODEL, "Model before training (for DPO after SFT: the SFT run)")
+    loss: str = setting("sigmoid", "Pairwise loss, by TRL's name")
+    beta: float = setting(0.1, "beta of the loss")
+    lr: float = setting(1e-6, "Learning rate of the SGD step the changes are predicted for")
+    cross: bool = setting(False, "Also forecast one pass over all pairs (cross_predicted, the displacement map); "
+                                 "about 1.5x the time")
+    projection_dim: int = setting(8192, "Buckets of the CountSketch that compresses per-pair gradients for the map")
+    top: int = setting(3, "Displacers listed per pair")
+    drop_top: float | None = setting(None, "Write filtered.jsonl without this percentage of most displacing pairs")
+    max_length: int | None = setting(None, "The training run's max_length: pairs are cut as `train` cuts them",
+                                     shown="no cut within the model's context")
+    limit: int | None = setting(None, "Forecast the first N pairs only", shown="all")
+    seed: int = setting(0, "Seed of the sketch")
+    device: str | None = setting(None, "cpu, cuda, cuda:1, ...", shown="GPU if present")
+
+    def __post_init__(self) -> None:
+        if not get_loss(self.loss, explained=True).pairwise:
+            raise LearndynError(f"forecast needs a pairwise loss such as sigmoid or ipo, not '{self.loss}'")
+        if self.drop_top is not None and not 0 < self.drop_top < 100:
+            raise LearndynError(f"drop_top is a percentage between 0 and 100, got {self.drop_top}")
+        if not self.lr > 0 or self.projection_dim < 1 or self.top < 1:
+            raise LearndynError("lr must be positive, projection_dim and top at least 1")
+
+
+def ranking_score(frame: Any) -> str:
+    return "cross_predicted" if "cross_predicted" in frame.columns else "self_predicted"
+
+
+def drop_top(frame: Any, percent: float) -> list[str]:
+    """The example_ids of the `percent` most displacing scored pairs (most negative ranking score),
+    at least one."""
+    score = ranking_score(frame)
+    scored = frame.dropna(subset=[score]).sort_values(score, kind="stable")
+    count = max(1, round(len(scored) * percent / 100))
+    return list(scored["example_id"][:count])
+
+
+def run_forecast(settings: ForecastSettings, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Forecast and write the folder (module docstring); returns the summary."""
+    import numpy as np
+
+    from learndyn.data import load_preferences
+    from learndyn.dynamics.forecast import forecast_pairs
+    from learndyn.memory import reporting_oom
+    from learndyn.models import load_model
+    from learndyn.report.forecast_page import render
+
+    pairs = load_preferences(settings.data, limit=settings.limit)
+    model, tokenizer = load_model(settings.model, device=settings.device, dtype="float32", adapter="train")
+    out = Path(out)
+    with reporting_oom("forecast"):
+        result = forecast_pairs(model, tokenizer, pairs, loss=settings.loss, beta=settings.beta, lr=settings.lr,
+                                cross=settings.cross, projection_dim=settings.projection_dim, top=settings.top,
+                                max_length=settings.max_length, seed=settings.seed, progress=progress)
+    frame, summary = result.pairs, {"settings": asdict(settings), **result.summary}
+    with io.BytesIO() as buffer:
+        frame.to_parquet(buffer, index=False)
+        write_bytes(out / "forecast.parquet", buffer.getvalue())
+    if result.kernel is not None:
+        with io.BytesIO() as buffer:
+            np.save(buffer, result.kernel)
+            write_bytes(out / "displacement.npy", buffer.getvalue())
+    if settings.drop_top is not None:
+        dropped = set(drop_top(frame, settings.drop_top))
+        kept = [p for p in pairs if p.example_id not in dropped]
+        write_jsonl(out / "filtered.jsonl", [_row(p) for p in kept])
+        summary["dropped"] = sorted(dropped)
+    summary["ranking_score"] = ranking_score(frame)
+    write_json(out / "summary.json", summary)
+    write_bytes(out / "forecast.html", render(frame, result.kernel, pairs, summary).encode("utf-8"))
+    return summary
+
+
+def _row(pref: Any) -> dict[str, Any]:
+    return {"example_id": pref.example_id, "prompt": pref.prompt, "chosen": pref.chosen, "rejected": pref.rejected,
+            **pref.extras}
