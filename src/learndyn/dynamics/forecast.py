@@ -33,6 +33,7 @@ than the model's context) is kept with NaN scores and a `note`, never dropped.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +141,8 @@ def forecast_pairs(
     rows, chosen_vecs, step_vecs = [], [], []
     total = [torch.zeros_like(p, dtype=torch.float32) for p in params] if cross else None
     context = context_length(model)
+    timings = {"pass_1": 0.0, "pass_2": 0.0, "sketch": 0.0, "kernel": 0.0}
+    start = time.perf_counter()
     with eval_mode(model):
         label = "Forecast (pass 1 of 2)" if cross else "Forecast"
         for pref in tracked(pairs, label if progress else None, len(pairs)):
@@ -160,16 +163,23 @@ def forecast_pairs(
             if cross:
                 for acc, g in zip(total, step):
                     acc += g.float()
+                sketched = time.perf_counter()
                 chosen_vecs.append(sketch(u) if sketch else [x.detach().clone() for x in u])
                 step_vecs.append(sketch(step) if sketch else [x.detach().clone() for x in step])
+                timings["sketch"] += time.perf_counter() - sketched
+        timings["pass_1"] = time.perf_counter() - start - timings["sketch"]
         kernel = None
         if cross:
+            start = time.perf_counter()
             kernel = _kernel(chosen_vecs, step_vecs, lr, exact=sketch is None)
+            timings["kernel"] = time.perf_counter() - start
+            start = time.perf_counter()
             for pref, row in tracked(list(zip(pairs, rows)), "Forecast (pass 2 of 2)" if progress else None, len(rows)):
                 if row["note"].startswith("not scored"):
                     continue
                 seqs = encode_update([pref], tokenizer, pairwise=True, max_length=context, truncate=max_length)
                 row["cross_predicted"] = -lr * _dot(_chosen_gradient(model, seqs), total)
+            timings["pass_2"] = time.perf_counter() - start
     frame = pd.DataFrame(rows)
     if kernel is not None:
         frame["cross_projected"] = np.nansum(kernel, axis=1)
@@ -177,7 +187,12 @@ def forecast_pairs(
         ids = list(frame["example_id"])
         frame["top_displacers"] = [_most_negative(row, ids, top) for row in kernel]
     frame = frame.reindex(columns=[c for c in COLUMNS if c in frame.columns or c == "note"])
-    return Forecast(frame, kernel, _summary(frame, spec, beta, lr, cross, projection_dim))
+    summary = _summary(frame, spec, beta, lr, cross, projection_dim)
+    summary["timings"] = timings
+    if cross:
+        summary["projected_store_bytes"] = (sum(v.numel() * v.element_size() for v in chosen_vecs + step_vecs
+                                                if isinstance(v, Tensor)))
+    return Forecast(frame, kernel, summary)
 
 
 def _pair_gradients(model: Any, seqs, spec: Loss, beta: float):
