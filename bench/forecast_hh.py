@@ -52,7 +52,7 @@ def spearman_interval(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed:
 
 def exact_subset_agreement(model, tokenizer, pairs, dim: int, lr: float) -> dict:
     """Exact c_ij = −lr⟨u_i, g_j⟩ on a few pairs (their u_i kept in memory) against the sketch's."""
-    from learndyn.dynamics.forecast import _pair_gradients
+    from learndyn.dynamics.forecast import pair_gradients
     from learndyn.losses import get_loss
 
     spec = get_loss("sigmoid")
@@ -61,7 +61,7 @@ def exact_subset_agreement(model, tokenizer, pairs, dim: int, lr: float) -> dict
     chosen, steps, sketched_u, sketched_g = [], [], [], []
     for pref in pairs:
         seqs = encode_update([pref], tokenizer, pairwise=True, max_length=None)
-        u, v, a, b, _ = _pair_gradients(model, seqs, spec, 0.1)
+        u, v, a, b, _ = pair_gradients(model, seqs, spec, 0.1)
         g = [a * x + b * y for x, y in zip(u, v)]
         chosen.append([x.detach().clone() for x in u])
         sketched_u.append(sketch(u))

@@ -51,7 +51,7 @@ from learndyn.models import eval_mode
 from learndyn.progress import tracked
 from learndyn.scoring import context_length
 
-__all__ = ["CountSketch", "Forecast", "forecast_pairs", "ches_scores"]
+__all__ = ["CountSketch", "Forecast", "forecast_pairs", "ches_scores", "pair_gradients"]
 
 COLUMNS = ("example_id", "ches", "ches_normalized", "self_predicted", "cross_predicted", "cross_projected",
            "logp_chosen", "logp_rejected", "n_chosen", "n_rejected", "top_displacers", "note")
@@ -93,11 +93,12 @@ class CountSketch:
         return index
 
     def __call__(self, tensors: Sequence[Tensor]) -> Tensor:
-        """S·x for x the concatenation of `tensors` (float64, (dim,))."""
-        slots = torch.zeros(2 * self.dim, dtype=torch.float64)
-        for t, x in enumerate(tensors):
-            slots.index_add_(0, self._signed_bucket(t), x.detach().reshape(-1).to("cpu", torch.float64))
-        return slots[: self.dim] - slots[self.dim:]
+        """S·x for x the concatenation of `tensors`, as float64 (dim,)."""
+        dtype = torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+        slots = torch.zeros(2 * self.dim, dtype=dtype)
+        for t, x in enumerate(tensors):  # no float64 copy of a model-sized vector: float32 sums of ~n/dim terms
+            slots.index_add_(0, self._signed_bucket(t), x.detach().reshape(-1).to("cpu", dtype))
+        return (slots[: self.dim] - slots[self.dim:]).double()
 
 
 def ches_scores(h_chosen: Tensor, h_rejected: Tensor) -> tuple[float, float]:
@@ -154,7 +155,7 @@ def forecast_pairs(
                 chosen_vecs.append(None)
                 step_vecs.append(None)
                 continue
-            u, v, a, b, stats = _pair_gradients(model, seqs, spec, beta)
+            u, v, a, b, stats = pair_gradients(model, seqs, spec, beta)
             step = [a * x + b * y for x, y in zip(u, v)]  # g = ∇L
             row.update(stats, self_predicted=-lr * _dot(u, step))
             if seqs.ids[0] == seqs.ids[1]:
@@ -195,31 +196,32 @@ def forecast_pairs(
     return Forecast(frame, kernel, summary)
 
 
-def _pair_gradients(model: Any, seqs, spec: Loss, beta: float):
-    """u = ∇log π(y⁺), v = ∇log π(y⁻), and a, b = ∂L/∂log π(y±) at h = 0, with CHES and the log-probs."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    ids, mask, rows, cols, labels, seq = full_inputs(seqs, [0, 1], model.device)
-    hidden, logits = _response_states(model, ids, mask, rows, cols)
-    logps = sequence_logps(logits, labels, seq, 2)  # (2,)
-    u = torch.autograd.grad(logps[0], params, retain_graph=True, allow_unused=True, materialize_grads=True)
-    v = torch.autograd.grad(logps[1], params, allow_unused=True, materialize_grads=True)
-    leaf = logps.detach().clone().requires_grad_(True)
-    lengths = torch.bincount(seq, minlength=2) if spec.per_token else None
+def pair_gradients(model: Any, seqs, spec: Loss, beta: float):
+    """u = ∇log π(y⁺), v = ∇log π(y⁻), and a, b = ∂L/∂log π(y±) at h = 0, with CHES and the log-probs.
+    Each side runs alone (a backward pass through a batch of both would cost both sides twice)."""
+    (u, logp_plus, h_plus), (v, logp_minus, h_minus) = (_side(model, seqs, k) for k in (0, 1))
+    leaf = torch.tensor([logp_plus, logp_minus], dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([len(h_plus), len(h_minus)]) if spec.per_token else None
     value = spec.value(margin(leaf, leaf.detach(), lengths), beta).sum()  # the pair's own loss, h = 0
     a, b = torch.autograd.grad(value, leaf)[0].tolist()
-    ches, ches_normalized = ches_scores(hidden[seq == 0].detach(), hidden[seq == 1].detach())
-    n = torch.bincount(seq, minlength=2)
-    stats = {"ches": ches, "ches_normalized": ches_normalized, "logp_chosen": float(logps[0]),
-             "logp_rejected": float(logps[1]), "n_chosen": int(n[0]), "n_rejected": int(n[1])}
+    ches, ches_normalized = ches_scores(h_plus, h_minus)
+    stats = {"ches": ches, "ches_normalized": ches_normalized, "logp_chosen": logp_plus,
+             "logp_rejected": logp_minus, "n_chosen": len(h_plus), "n_rejected": len(h_minus)}
     return u, v, a, b, stats
 
 
-def _chosen_gradient(model: Any, seqs) -> tuple[Tensor, ...]:
+def _side(model: Any, seqs, k: int) -> tuple[tuple[Tensor, ...], float, Tensor]:
+    """(∇θ log π(y), log π(y), the hidden states that predict y's tokens) of sequence k."""
     params = [p for p in model.parameters() if p.requires_grad]
-    ids, mask, rows, cols, labels, seq = full_inputs(seqs, [0], model.device)
-    _, logits = _response_states(model, ids, mask, rows, cols)
-    return torch.autograd.grad(sequence_logps(logits, labels, seq, 1)[0], params, allow_unused=True,
-                               materialize_grads=True)
+    ids, mask, rows, cols, labels, seq = full_inputs(seqs, [k], model.device)
+    hidden, logits = _response_states(model, ids, mask, rows, cols)
+    logp = sequence_logps(logits, labels, seq, 1)[0]
+    grads = torch.autograd.grad(logp, params, allow_unused=True, materialize_grads=True)
+    return grads, float(logp.detach()), hidden.detach()
+
+
+def _chosen_gradient(model: Any, seqs) -> tuple[Tensor, ...]:
+    return _side(model, seqs, 0)[0]
 
 
 def _response_states(model: Any, ids: Tensor, mask: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
@@ -234,7 +236,8 @@ def _response_states(model: Any, ids: Tensor, mask: Tensor, rows: Tensor, cols: 
 
 
 def _dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> float:
-    return float(sum((x.double() * y.double()).sum() for x, y in zip(xs, ys)))
+    """⟨x, y⟩ over all tensors, summed in float64 (products in the tensors' own precision)."""
+    return float(sum(torch.sum(x * y, dtype=torch.float64) for x, y in zip(xs, ys)))
 
 
 def _kernel(chosen: list, steps: list, lr: float, exact: bool) -> np.ndarray:
