@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from learndyn import load_model
+from learndyn.atomic import write_jsonl
 from learndyn.data import load_preferences
 from learndyn.dynamics.forecast import CountSketch, forecast_pairs
 from learndyn.dynamics.sequences import encode_update
@@ -75,6 +76,11 @@ def exact_subset_agreement(model, tokenizer, pairs, dim: int, lr: float) -> dict
             "max_relative_error": float(np.abs(approx - exact).max() / np.abs(exact).max())}
 
 
+def write_pairs(pairs, path: Path) -> None:
+    write_jsonl(path, [{"example_id": p.example_id, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+                       for p in pairs])
+
+
 def chosen_probes(pairs, path: Path) -> None:
     write_probes([Probe(p.example_id, p.prompt, {"chosen": p.chosen}) for p in pairs], path)
 
@@ -123,10 +129,11 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     result.pairs.to_parquet(args.out / "forecast.parquet", index=False)
-    probes = args.out / "probes.jsonl"
+    probes, data = args.out / "probes.jsonl", args.out / "pairs.jsonl"
     chosen_probes(pairs, probes)
+    write_pairs(pairs, data)
     start = time.perf_counter()
-    actual = dpo_changes(args.data, probes, args.out / "dpo", n, args.lr, seed=0).rename("actual")
+    actual = dpo_changes(data, probes, args.out / "dpo", n, args.lr, seed=0).rename("actual")
     print(f"one DPO epoch on {n} pairs (AdamW lr {args.lr:g}) in {time.perf_counter() - start:.0f} s: "
           f"{int((actual < 0).sum())} of {n} chosen responses fell, mean change {actual.mean():+.2f}")
     both = result.pairs.set_index("example_id").join(actual, how="inner")
@@ -141,8 +148,6 @@ def main() -> None:
 
 def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
     """DPO without the top 10% by each score (and a random 10%, three seeds): mean change of chosen kept."""
-    from learndyn.atomic import write_jsonl
-
     count = max(1, round(0.1 * len(pairs)))
     drops = {score: list(both.sort_values(score, ascending=sign < 0).index[:count]) for score, sign in SCORES.items()}
     for seed in range(3):
@@ -150,8 +155,7 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
     for name, dropped in drops.items():
         kept = [p for p in pairs if p.example_id not in set(dropped)]
         data = args.out / f"kept-{name.split()[0]}-{len(dropped)}.jsonl"
-        write_jsonl(data, [{"example_id": p.example_id, "prompt": p.prompt, "chosen": p.chosen,
-                            "rejected": p.rejected} for p in kept])
+        write_pairs(kept, data)
         probes = args.out / "probes-kept.jsonl"
         chosen_probes(kept, probes)
         change = dpo_changes(data, probes, args.out / f"dpo-without-{name.replace(' ', '_')}", len(kept), args.lr, seed=0)

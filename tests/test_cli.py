@@ -550,3 +550,26 @@ def test_ctrl_c_during_training_says_how_many_evaluations_are_kept(tmp_path, tin
     assert proc.returncode == 130, err[-2000:]
     assert kept >= 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"interrupted; {kept} evaluations kept in {run / 'metrics'}"
+
+
+@pytest.mark.parametrize("dpo_chosen, says_so", [([-30, -25, -20], True), ([-30, -20, -35], False)])
+def test_demo_says_where_rise_then_fall_is_shown_when_its_run_does_not_show_it(tmp_path, monkeypatch, dpo_chosen,
+                                                                                 says_so):
+    """The demo's training is replaced by two stored runs: chosen only rising during DPO (the demo's
+    budget on a CPU) makes the demo point to the longer run; a rise then fall does not."""
+    from typer.testing import CliRunner
+    from test_report import make_run
+
+    import learndyn.experiments.demo as demo
+    from learndyn.cli import app
+
+    def fake_runs(settings, console=None):
+        sft = make_run(tmp_path / "out" / "sft", "sft", {"chosen": [-50, -40, -30], "rejected": [-60, -58, -55]})
+        dpo = make_run(tmp_path / "out" / "dpo", "dpo", {"chosen": dpo_chosen, "rejected": [-55, -70, -90]},
+                       **{"from": str(sft)})
+        return [sft, dpo]
+
+    monkeypatch.setattr(demo, "run_demo", fake_runs)
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "out")], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert ("takes a longer DPO run than the demo's budget" in result.output) == says_so
