@@ -345,7 +345,8 @@ def demo(
     print_signatures(signatures)
     if any(s["name"].startswith("dpo_chosen_rises_then_falls") and s["verdict"] != "held" for s in signatures):
         out.print("Chosen's rise then fall during DPO takes a longer DPO run than the demo's budget on a CPU: "
-                  "bench/replicate_hh.py --long shows it (run length and numbers in bench/README.md).")
+                  "bench/README.md ('Rise then fall') has the longer runs and what they showed; "
+                  "bench/replicate_hh.py --long runs one on HH.")
     out.print(f"report: {page.resolve()}")
 
 
