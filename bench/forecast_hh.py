@@ -51,6 +51,18 @@ def spearman_interval(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed:
     return rho, float(low), float(high)
 
 
+def paired_difference(frame: pd.DataFrame, a: str, b: str, resamples: int = 2000, seed: int = 0):
+    """Agreement (ρ times its expected sign) of score a minus that of score b, pairs resampled together."""
+    def diff(rows: pd.DataFrame) -> float:
+        rho = {s: rank_correlation(rows[s].reset_index(drop=True), rows["actual"].reset_index(drop=True)) for s in (a, b)}
+        return SCORES[a] * rho[a] - SCORES[b] * rho[b]
+
+    rng = np.random.default_rng(seed)
+    draws = [diff(frame.iloc[rng.integers(0, len(frame), len(frame))]) for _ in range(resamples)]
+    low, high = np.nanpercentile(np.array(draws, dtype=float), [2.5, 97.5])
+    return diff(frame), float(low), float(high)
+
+
 def exact_subset_agreement(model, tokenizer, pairs, dim: int, lr: float) -> dict:
     """Exact c_ij = −lr⟨u_i, g_j⟩ on a few pairs (their u_i kept in memory) against the sketch's."""
     from learndyn.dynamics.forecast import pair_gradients
@@ -141,6 +153,9 @@ def main() -> None:
         ok = both[[score, "actual"]].dropna()
         rho, low, high = spearman_interval(ok[score].to_numpy(), ok["actual"].to_numpy())
         print(f"  {score:16s} ρ = {rho:+.3f} [{low:+.3f}, {high:+.3f}]  agreement {sign * rho:+.3f} (n={len(ok)})")
+    for score in ("self_predicted", "cross_predicted"):
+        effect, low, high = paired_difference(both.dropna(subset=[score, "ches", "actual"]), score, "ches")
+        print(f"  agreement of {score} minus that of ches: {effect:+.3f} [{low:+.3f}, {high:+.3f}] (paired bootstrap)")
 
     if args.filter:
         filter_experiment(args, pairs, both)
