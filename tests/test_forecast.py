@@ -156,7 +156,42 @@ def test_forecast_command_writes_the_folder_and_drops_the_most_displacing_pairs(
     page = (out / "forecast.html").read_text()
     assert "Most displacing pairs" in page and "Displacement map" in page and worst[0] in page
     assert "forecast to lower their own chosen" in result.stdout
+    assert not (out / "forecast-state.pt").exists()  # a finished forecast leaves no checkpoint
+    assert_one_error_line(learndyn("forecast", "--data", "example", "--limit", "6", "--model", str(tiny_folder),
+                                   "--out", str(out)), "holds a forecast", "--resume", "--overwrite")
     assert_one_error_line(learndyn("forecast", "--data", "example", "--drop-top", "half", "--out", str(out)),
                           "--drop-top takes a percentage")
     assert_one_error_line(learndyn("forecast", "--data", "example", "--loss", "sft", "--out", str(out)),
                           "pairwise loss")
+
+
+@pytest.mark.parametrize("where", ["pass_1", "pass_2"])
+def test_an_interrupted_forecast_resumes_to_the_same_result(tiny_gpt2, tmp_path, monkeypatch, where):
+    import learndyn.dynamics.forecast as forecast
+
+    model, tokenizer = tiny_gpt2
+    options = dict(lr=1e-4, cross=True, projection_dim=512)
+    clean = forecast_pairs(model, tokenizer, PAIRS, **options)
+    checkpoint = tmp_path / "state.pt"
+    name = "pair_gradients" if where == "pass_1" else "_chosen_gradient"
+    real, calls, real_pairs = getattr(forecast, name), [], forecast.pair_gradients
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(forecast, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        forecast_pairs(model, tokenizer, PAIRS, checkpoint=checkpoint, every=100, **options)
+    monkeypatch.setattr(forecast, name, real)
+    assert checkpoint.is_file()  # saved on the interruption, not only every 100 pairs
+    redone = []
+    monkeypatch.setattr(forecast, "pair_gradients", lambda *a, **k: redone.append(1) or real_pairs(*a, **k))
+    resumed = forecast_pairs(model, tokenizer, PAIRS, checkpoint=checkpoint, **options)
+    assert len(redone) == (len(PAIRS) - 2 if where == "pass_1" else 0)  # finished pairs are not redone
+    pd.testing.assert_frame_equal(resumed.pairs, clean.pairs, check_exact=False, rtol=1e-6)
+    np.testing.assert_allclose(resumed.kernel, clean.kernel, rtol=1e-6)
+    with pytest.raises(Exception, match="other settings or pairs"):
+        forecast_pairs(model, tokenizer, PAIRS[:4], checkpoint=checkpoint, **options)

@@ -438,17 +438,26 @@ def forecast(
     limit: Annotated[Optional[int], typer.Option(help=_forecast_help("limit"))] = None,
     seed: Annotated[Optional[int], typer.Option(help=_forecast_help("seed"))] = None,
     device: DeviceOpt = None,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted forecast in --out (same settings and data).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the forecast in --out.")] = False,
 ) -> None:
     """Forecast, before training, which preference pairs will lower their chosen responses' likelihood
     (and which pairs drag which), with CHES beside the exact first-order forecast."""
-    from learndyn.experiments.forecast import ForecastSettings, run_forecast
+    from learndyn.experiments.forecast import CHECKPOINT, ForecastSettings, check_folder, run_forecast
 
     given = dict(model=model, loss=loss, beta=beta, lr=lr, cross=cross, projection_dim=projection_dim, top=top,
                  drop_top=_percent(drop_top, "--drop-top"), max_length=_positive(max_length, "--max-length"),
                  limit=_positive(limit, "--limit"), seed=seed, device=device)
     settings = ForecastSettings(data=data, **{k: v for k, v in given.items() if v is not None})
     check_writable(out_dir)
-    summary = run_forecast(settings, out_dir)
+    check_folder(out_dir, resume, overwrite)
+    try:
+        summary = run_forecast(settings, out_dir, resume=resume, overwrite=overwrite)
+    except KeyboardInterrupt:
+        if not (out_dir / CHECKPOINT).exists():
+            raise
+        raise Interrupted(f"interrupted; the finished pairs are kept in {out_dir / CHECKPOINT}: rerun with --resume "
+                          "to continue") from None
     score = summary["ranking_score"]
     negative = summary.get("cross_predicted_negative", summary["self_predicted_negative"])
     out.print(f"{summary['scored']} of {summary['pairs']} pairs forecast; {negative} are forecast to lower their own "

@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,8 @@ from torch import Tensor
 from learndyn.data import Preference, fit_prompts
 from learndyn.dynamics.residuals import margin, sequence_logps
 from learndyn.dynamics.sequences import encode_update, full_inputs
-from learndyn.errors import LearndynError
+from learndyn.atomic import atomic_path
+from learndyn.errors import LearndynError, first_line
 from learndyn.lm import split_model
 from learndyn.losses import Loss, get_loss
 from learndyn.models import eval_mode
@@ -110,6 +112,35 @@ def ches_scores(h_chosen: Tensor, h_rejected: Tensor) -> tuple[float, float]:
     return cross - own, cross / (n_a * n_b) - own / n_a**2
 
 
+@dataclass
+class _Progress:
+    """What a forecast has finished, saved to its checkpoint so that an interrupted forecast resumes:
+    pass 1's rows, sketches and summed gradient, and how many pairs pass 2 has crossed."""
+
+    key: dict[str, Any]  # settings and pair ids: a checkpoint of another forecast is refused
+    rows: list[dict[str, Any]]
+    chosen: list[Any]  # per pair: its sketch (or exact vectors), None when not scored
+    steps: list[Any]
+    total: list[Tensor] | None  # G = Σ_j g_j (with cross)
+    crossed: int = 0
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(self.__dict__, tmp)
+
+    @classmethod
+    def load(cls, path: Path, key: dict[str, Any]) -> _Progress:
+        try:
+            saved = cls(**torch.load(path, weights_only=True))
+        except Exception as err:  # noqa: BLE001  a damaged or foreign file
+            raise LearndynError(f"{path}: not a forecast checkpoint ({first_line(err)}); pass --overwrite to "
+                                "start again") from None
+        if saved.key != key:
+            raise LearndynError(f"{path} holds a forecast with other settings or pairs; pass --overwrite to start "
+                                "again") from None
+        return saved
+
+
 def forecast_pairs(
     model: Any,
     tokenizer: Any,
@@ -124,11 +155,13 @@ def forecast_pairs(
     max_length: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    checkpoint: str | Path | None = None,
+    every: int = 16,
 ) -> Forecast:
     """Forecast every pair (module docstring). `projection_dim=None` keeps exact gradients for the map
-    (tiny models only: N·2 vectors of the model's size). The model is never modified."""
-    import pandas as pd
-
+    (tiny models only: N·2 vectors of the model's size). With `checkpoint`, what is finished is saved
+    there every `every` pairs and on any interruption, and a forecast with the same settings and pairs
+    continues from it. The model is never modified."""
     spec = get_loss(loss, explained=True)
     if not spec.pairwise:
         raise LearndynError(f"forecast needs a pairwise loss (sigmoid, ipo, ...), not '{spec.name}'")
@@ -137,51 +170,89 @@ def forecast_pairs(
         raise LearndynError("the model has no trainable parameters")
     if max_length is not None:
         pairs, _ = fit_prompts(list(pairs), tokenizer, max_length)
+    key = {"loss": spec.name, "beta": beta, "lr": lr, "cross": cross, "projection_dim": projection_dim, "seed": seed,
+           "max_length": max_length, "pairs": [p.example_id for p in pairs]}
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if checkpoint is not None and checkpoint.exists():
+        state = _Progress.load(checkpoint, key)
+    else:
+        state = _Progress(key, [], [], [], [torch.zeros_like(p, dtype=torch.float32) for p in params] if cross else None)
     sketch = (CountSketch([p.shape for p in params], projection_dim, seed)
               if cross and projection_dim is not None else None)
-    rows, chosen_vecs, step_vecs = [], [], []
-    total = [torch.zeros_like(p, dtype=torch.float32) for p in params] if cross else None
-    context = context_length(model)
     timings = {"pass_1": 0.0, "pass_2": 0.0, "sketch": 0.0, "kernel": 0.0}
+    try:
+        with eval_mode(model):
+            _first_pass(model, tokenizer, pairs, state, spec, beta, lr, sketch, max_length, timings, progress,
+                        checkpoint, every)
+            kernel = None
+            if cross:
+                start = time.perf_counter()
+                kernel = _kernel(state.chosen, state.steps, lr, exact=sketch is None)
+                timings["kernel"] = time.perf_counter() - start
+                _second_pass(model, tokenizer, pairs, state, lr, max_length, timings, progress, checkpoint, every)
+    except BaseException:
+        if checkpoint is not None:
+            state.save(checkpoint)
+        raise
+    return _result(state, kernel, spec, beta, lr, cross, projection_dim, top, timings)
+
+
+def _first_pass(model, tokenizer, pairs, state: _Progress, spec: Loss, beta: float, lr: float, sketch, max_length,
+                timings: dict, progress: bool, checkpoint: Path | None, every: int) -> None:
+    """Per pair: CHES, the log-probs, self_predicted; with cross, the summed gradient and the sketches."""
+    context = context_length(model)
+    todo = pairs[len(state.rows):]
+    label = ("Forecast (pass 1 of 2)" if state.total is not None else "Forecast") if progress else None
     start = time.perf_counter()
-    with eval_mode(model):
-        label = "Forecast (pass 1 of 2)" if cross else "Forecast"
-        for pref in tracked(pairs, label if progress else None, len(pairs)):
-            row = {"example_id": pref.example_id, "note": ""}
-            try:
-                seqs = encode_update([pref], tokenizer, pairwise=True, max_length=context, truncate=max_length)
-            except LearndynError as err:
-                rows.append({**row, "note": f"not scored: {err}"})
-                chosen_vecs.append(None)
-                step_vecs.append(None)
-                continue
+    for pref in tracked(todo, label, len(todo)):
+        row = {"example_id": pref.example_id, "note": ""}
+        try:
+            seqs = encode_update([pref], tokenizer, pairwise=True, max_length=context, truncate=max_length)
+        except LearndynError as err:
+            u = step = None
+            row["note"] = f"not scored: {err}"
+        else:
             u, v, a, b, stats = pair_gradients(model, seqs, spec, beta)
             step = [a * x + b * y for x, y in zip(u, v)]  # g = ∇L
             row.update(stats, self_predicted=-lr * _dot(u, step))
             if seqs.ids[0] == seqs.ids[1]:
                 row["note"] = "chosen and rejected are the same tokens: the pair has no gradient"
-            rows.append(row)
-            if cross:
-                for acc, g in zip(total, step):
+        if state.total is not None:
+            sketched = time.perf_counter()
+            if step is not None:
+                for acc, g in zip(state.total, step):
                     acc += g.float()
-                sketched = time.perf_counter()
-                chosen_vecs.append(sketch(u) if sketch else [x.detach().clone() for x in u])
-                step_vecs.append(sketch(step) if sketch else [x.detach().clone() for x in step])
-                timings["sketch"] += time.perf_counter() - sketched
-        timings["pass_1"] = time.perf_counter() - start - timings["sketch"]
-        kernel = None
-        if cross:
-            start = time.perf_counter()
-            kernel = _kernel(chosen_vecs, step_vecs, lr, exact=sketch is None)
-            timings["kernel"] = time.perf_counter() - start
-            start = time.perf_counter()
-            for pref, row in tracked(list(zip(pairs, rows)), "Forecast (pass 2 of 2)" if progress else None, len(rows)):
-                if row["note"].startswith("not scored"):
-                    continue
-                seqs = encode_update([pref], tokenizer, pairwise=True, max_length=context, truncate=max_length)
-                row["cross_predicted"] = -lr * _dot(_chosen_gradient(model, seqs), total)
-            timings["pass_2"] = time.perf_counter() - start
-    frame = pd.DataFrame(rows)
+            keep = sketch or _copies
+            state.chosen.append(None if u is None else keep(u))
+            state.steps.append(None if step is None else keep(step))
+            timings["sketch"] += time.perf_counter() - sketched
+        state.rows.append(row)
+        if checkpoint is not None and len(state.rows) % every == 0:
+            state.save(checkpoint)
+    timings["pass_1"] = time.perf_counter() - start - timings["sketch"]
+
+
+def _second_pass(model, tokenizer, pairs, state: _Progress, lr: float, max_length, timings: dict, progress: bool,
+                 checkpoint: Path | None, every: int) -> None:
+    """cross_predicted_i = −lr ⟨u_i, G⟩, exact: each chosen's gradient again, dotted with the summed one."""
+    context = context_length(model)
+    todo = list(range(state.crossed, len(pairs)))
+    start = time.perf_counter()
+    for i in tracked(todo, "Forecast (pass 2 of 2)" if progress else None, len(todo)):
+        if not state.rows[i]["note"].startswith("not scored"):
+            seqs = encode_update([pairs[i]], tokenizer, pairwise=True, max_length=context, truncate=max_length)
+            state.rows[i]["cross_predicted"] = -lr * _dot(_chosen_gradient(model, seqs), state.total)
+        state.crossed = i + 1
+        if checkpoint is not None and state.crossed % every == 0:
+            state.save(checkpoint)
+    timings["pass_2"] = time.perf_counter() - start
+
+
+def _result(state: _Progress, kernel, spec: Loss, beta: float, lr: float, cross: bool, projection_dim, top: int,
+            timings: dict) -> Forecast:
+    import pandas as pd
+
+    frame = pd.DataFrame(state.rows)
     if kernel is not None:
         frame["cross_projected"] = np.nansum(kernel, axis=1)
         frame.loc[np.isnan(kernel).all(axis=1), "cross_projected"] = np.nan
@@ -191,8 +262,8 @@ def forecast_pairs(
     summary = _summary(frame, spec, beta, lr, cross, projection_dim)
     summary["timings"] = timings
     if cross:
-        summary["projected_store_bytes"] = (sum(v.numel() * v.element_size() for v in chosen_vecs + step_vecs
-                                                if isinstance(v, Tensor)))
+        summary["projected_store_bytes"] = sum(v.numel() * v.element_size() for v in state.chosen + state.steps
+                                               if isinstance(v, Tensor))
     return Forecast(frame, kernel, summary)
 
 
@@ -233,6 +304,10 @@ def _response_states(model: Any, ids: Tensor, mask: Tensor, rows: Tensor, cols: 
         return hidden, split.head(hidden)
     out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
     return out.hidden_states[-1][rows, cols], out.logits[rows, cols]
+
+
+def _copies(tensors: Sequence[Tensor]) -> list[Tensor]:
+    return [x.detach().clone() for x in tensors]
 
 
 def _dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> float:

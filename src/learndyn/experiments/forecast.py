@@ -26,7 +26,7 @@ from learndyn.losses import get_loss
 from learndyn.models import BUILTIN_MODEL
 from learndyn.settings import setting
 
-__all__ = ["ForecastSettings", "run_forecast", "drop_top", "ranking_score"]
+__all__ = ["ForecastSettings", "run_forecast", "check_folder", "drop_top", "ranking_score"]
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,23 @@ def drop_top(frame: Any, percent: float) -> list[str]:
     return list(scored["example_id"][:count])
 
 
-def run_forecast(settings: ForecastSettings, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Forecast and write the folder (module docstring); returns the summary."""
+CHECKPOINT = "forecast-state.pt"  # what an interrupted forecast has finished (removed when it completes)
+
+
+def check_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to replace a forecast, or an unfinished one, unasked (before the model loads)."""
+    if resume and overwrite:
+        raise LearndynError("pass --resume or --overwrite, not both")
+    held = [name for name in ("forecast.parquet", CHECKPOINT) if (out / name).exists()]
+    if held and not (resume or overwrite):
+        raise LearndynError(f"{out} holds a forecast ({', '.join(held)}); pass --resume to finish an interrupted "
+                            "one or --overwrite to start again")
+
+
+def run_forecast(settings: ForecastSettings, out: str | Path, progress: bool = True, *, resume: bool = False,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Forecast and write the folder (module docstring); returns the summary. An interrupted forecast
+    keeps what it finished in OUT/forecast-state.pt, and `resume` continues from there."""
     import numpy as np
 
     from learndyn.data import load_preferences
@@ -81,13 +96,19 @@ def run_forecast(settings: ForecastSettings, out: str | Path, progress: bool = T
     from learndyn.models import load_model
     from learndyn.report.forecast_page import render
 
+    out = Path(out)
+    check_folder(out, resume, overwrite)
     pairs = load_preferences(settings.data, limit=settings.limit)
     model, tokenizer = load_model(settings.model, device=settings.device, dtype="float32", adapter="train")
-    out = Path(out)
+    checkpoint = out / CHECKPOINT
+    if overwrite:
+        checkpoint.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     with reporting_oom("forecast"):
         result = forecast_pairs(model, tokenizer, pairs, loss=settings.loss, beta=settings.beta, lr=settings.lr,
                                 cross=settings.cross, projection_dim=settings.projection_dim, top=settings.top,
-                                max_length=settings.max_length, seed=settings.seed, progress=progress)
+                                max_length=settings.max_length, seed=settings.seed, progress=progress,
+                                checkpoint=checkpoint)
     frame, summary = result.pairs, {"settings": asdict(settings), **result.summary}
     with io.BytesIO() as buffer:
         frame.to_parquet(buffer, index=False)
@@ -104,6 +125,7 @@ def run_forecast(settings: ForecastSettings, out: str | Path, progress: bool = T
     summary["ranking_score"] = ranking_score(frame)
     write_json(out / "summary.json", summary)
     write_bytes(out / "forecast.html", render(frame, result.kernel, pairs, summary).encode("utf-8"))
+    checkpoint.unlink(missing_ok=True)
     return summary
 
 
