@@ -175,3 +175,24 @@ def test_on_policy_arm_sends_an_openai_judge_to_the_endpoint_the_user_named(tmp_
     compare.train_arms(settings, judge_options={"base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY"})
     (on,) = [s for s in seen if s.on_policy]
     assert (on.judge, on.judge_base_url, on.judge_api_key_env) == ("openai:judge-model", "http://127.0.0.1:9/v1", "MY_KEY")
+
+
+def test_filtered_arm_drops_the_forecast_pairs_and_takes_as_many_dpo_steps(tiny_folder, tmp_path):
+    """compare --filter-top 25%: the forecast runs on the baseline SFT model, its dropped pairs are not
+    trained on, and the filtered arm's DPO takes the baseline arm's step count on fewer pairs."""
+    import json
+
+    from learndyn.experiments.compare import FILTERED_PAIRS
+    from learndyn.training.runs import read_config, read_metrics
+
+    out = tmp_path / "cmp"
+    summary = run_compare(replace(tiny_settings(tiny_folder, out), examples=8, batch_size=2, filter_top=25.0))
+    forecast = json.loads((out / "filtered" / "forecast" / "summary.json").read_text())
+    assert forecast["settings"]["model"] == str(out / "baseline" / "sft") and len(forecast["dropped"]) == 2
+    config = read_config(out / "filtered" / "dpo")
+    assert config["from"] == str(out / "baseline" / "sft") and config["data"].endswith("filtered.jsonl")
+    kept = [json.loads(line)["example_id"] for line in (out / "filtered" / "forecast" / "filtered.jsonl").open()]
+    assert len(kept) == 6 and not set(kept) & set(forecast["dropped"])
+    last = {arm: int(read_metrics(out / arm / "dpo")["step"].max()) for arm in ("baseline", "filtered")}
+    assert last["filtered"] == last["baseline"] == 4  # 8 pairs / 2 per step, 1 epoch; 6 pairs for 4/3 epochs
+    assert [(r["a"], r["b"]) for r in summary["win_rates"]][-1:] == list(FILTERED_PAIRS)

@@ -625,6 +625,7 @@ def compare(
     judge_spec: Annotated[Optional[str], typer.Option("--judge", help=_compare_help("judge"))] = None,
     quick: Annotated[bool, typer.Option(help="Small sizes (16 pairs, 2 SFT epochs, 1 DPO epoch, 64-token answers).")] = False,
     on_policy: Annotated[bool, typer.Option(help=_compare_help("on_policy"))] = False,
+    filter_top: Annotated[Optional[str], typer.Option(help=_compare_help("filter_top") + " Written as 10% or 10.")] = None,
     examples: Annotated[Optional[int], typer.Option(help=_compare_help("examples"))] = None,
     eval_n: Annotated[Optional[int], typer.Option(help=_compare_help("eval_n"))] = None,
     sft_epochs: Annotated[Optional[float], typer.Option(help=_compare_help("sft_epochs"))] = None,
@@ -645,7 +646,8 @@ def compare(
     from learndyn.experiments.compare import compare_settings, run_compare
 
     settings = compare_settings(quick, data=data, eval_data=eval_data, out=out_dir and str(out_dir), model=model,
-                                judge=judge_spec, on_policy=on_policy, examples=_positive(examples, "--examples"),
+                                judge=judge_spec, on_policy=on_policy, filter_top=_percent(filter_top, "--filter-top"),
+                                examples=_positive(examples, "--examples"),
                                 eval_n=_positive(eval_n, "--eval-n"),
                                 sft_epochs=sft_epochs, dpo_epochs=dpo_epochs, sft_lr=sft_lr, dpo_lr=dpo_lr, beta=beta,
                                 max_new_tokens=max_new_tokens, max_length=max_length, seed=seed,

@@ -2,7 +2,10 @@
 
 Both arms start from one model with one probe set, seed, data order and DPO step count; they differ
 only in what SFT trains on (chosen; or chosen and rejected, which takes twice the SFT steps at equal
-epochs). With `on_policy`, a third arm continues the baseline SFT model with on-policy DPO. Every
+epochs). With `on_policy`, a third arm continues the baseline SFT model with on-policy DPO. With
+`filter_top` P, another continues it with DPO on the training pairs less the P% that `forecast --cross`
+(run on the baseline SFT model) says displace the chosen responses most, for as many DPO steps as
+the other arms (DIR/filtered/forecast/ holds that forecast). Every
 checkpoint answers the held-out prompts greedily; a judge compares the answers pairwise in both
 orders; the intrinsic measures describe each set of answers. The folder:
 
@@ -47,6 +50,8 @@ class CompareSettings:
     model: str = setting(BUILTIN_MODEL, "Starting model of both arms")
     judge: str = setting("local", "openai:MODEL or local[:MODEL] (see `learndyn judge`)")
     on_policy: bool = setting(False, "Add an arm: the baseline SFT model trained by on-policy DPO")
+    filter_top: float | None = setting(None, "Add an arm: DPO from the baseline SFT model without this percentage "
+                                             "of the pairs forecast to displace chosen most (equal DPO steps)")
     examples: int | None = setting(32, "Training pairs")
     eval_n: int | None = setting(None, "Answer only the first N held-out prompts", shown="all")
     probes: int = setting(8, "Tracked prompts: the first training examples")
@@ -64,6 +69,10 @@ class CompareSettings:
     device: str | None = setting(None, "cpu, cuda, cuda:1, ...", shown="GPU if present")
     lora: bool = setting(False, "Train LoRA adapters (r 16, alpha 32, all linear layers) instead of all weights",
                          shown="--full")
+
+    def __post_init__(self) -> None:
+        if self.filter_top is not None and not 0 < self.filter_top < 100:
+            raise LearndynError(f"filter_top is a percentage between 0 and 100, got {self.filter_top}")
 
 
 QUICK = dict(examples=16, probes=6, sft_epochs=2.0, dpo_epochs=1.0, every=4, max_new_tokens=64)
@@ -100,6 +109,7 @@ class Checkpoint:
 PAIRS = (("extended/dpo", "baseline/dpo"), ("extended/sft", "baseline/sft"),
          ("baseline/dpo", "baseline/sft"), ("extended/dpo", "extended/sft"))
 ON_POLICY_PAIRS = (("baseline/dpo-on-policy", "baseline/dpo"), ("baseline/dpo-on-policy", "baseline/sft"))
+FILTERED_PAIRS = (("filtered/dpo", "baseline/dpo"),)
 
 
 def run_compare(settings: CompareSettings, *, resume: bool = False, overwrite: bool = False,
@@ -125,7 +135,7 @@ def run_compare(settings: CompareSettings, *, resume: bool = False, overwrite: b
     clock["generation_and_scoring"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    pairs = PAIRS + (ON_POLICY_PAIRS if settings.on_policy else ())
+    pairs = PAIRS + (ON_POLICY_PAIRS if settings.on_policy else ()) + (FILTERED_PAIRS if settings.filter_top else ())
     win_rates = [_judge_pair(a, b, judge, out, redo=bool({a, b} & fresh), console=console) for a, b in pairs]
     clock["judging"] = time.perf_counter() - start
 
@@ -179,12 +189,20 @@ def train_arms(settings: CompareSettings, *, resume: bool = False, console: Cons
         on = replace(plan[1][2], out=str(out / "baseline" / "dpo-on-policy"), on_policy=True, judge=settings.judge,
                      **endpoint)
         plan.append(("baseline", "dpo-on-policy", on))
+    if settings.filter_top:
+        plan.append(("filtered", "dpo", replace(plan[1][2], out=str(out / "filtered" / "dpo"), limit=None,
+                                                data=str(out / "filtered" / "forecast" / "filtered.jsonl"))))
     checkpoints, retrained = [], set()
     for number, (arm, phase, train_settings) in enumerate(plan, 1):
         what = {"sft": "SFT on chosen" + (" and rejected" if train_settings.extend else ""),
                 "dpo": f"DPO from the SFT model, beta {settings.beta}",
                 "dpo-on-policy": "on-policy DPO from the baseline SFT model"}[phase]
+        if arm == "filtered":
+            what = f"DPO from the baseline SFT model without the top {settings.filter_top:g}% displacing pairs"
         console.print(f"[bold][{number}/{len(plan)}] {arm} {phase}[/bold] ({what})")
+        if arm == "filtered":
+            train_settings = _filtered_dpo(settings, train_settings, resume=resume and "baseline/sft" not in retrained,
+                                           console=console)
         run, trained = train_once(train_settings, resume=resume and not retrained & {f"{arm}/sft"})
         if trained:
             retrained.add(f"{arm}/{phase}")
@@ -192,6 +210,29 @@ def train_arms(settings: CompareSettings, *, resume: bool = False, console: Cons
             console.print(f"  reusing the finished run {run}")
         checkpoints.append(Checkpoint(arm, phase, run))
     return checkpoints, retrained
+
+
+def _filtered_dpo(settings: CompareSettings, dpo: Any, *, resume: bool, console: Console) -> Any:
+    """Forecast the training pairs on the baseline SFT model and drop the top `filter_top`%; returns
+    the DPO settings on the rest, with epochs scaled so the arm takes as many steps as the others."""
+    import math
+
+    from learndyn.data import load_preferences
+    from learndyn.experiments.forecast import ForecastSettings, run_forecast
+
+    folder = Path(settings.out) / "filtered" / "forecast"
+    kept_file = folder / "filtered.jsonl"
+    if not (resume and kept_file.is_file() and (folder / "summary.json").is_file()):
+        forecast = ForecastSettings(data=settings.data, model=str(Path(settings.out) / "baseline" / "sft"),
+                                    beta=settings.beta, lr=settings.dpo_lr, cross=True, drop_top=settings.filter_top,
+                                    max_length=settings.max_length, limit=settings.examples, seed=settings.seed,
+                                    device=settings.device)
+        summary = run_forecast(forecast, folder, overwrite=True)
+        console.print(f"  forecast: dropped {len(summary['dropped'])} of {summary['pairs']} pairs ({', '.join(summary['dropped'])})")
+    given = len(load_preferences(settings.data, limit=settings.examples))
+    kept = len(load_preferences(str(kept_file)))
+    steps = math.ceil(given / settings.batch_size) * settings.dpo_epochs  # the other arms' DPO steps
+    return replace(dpo, epochs=steps / math.ceil(kept / settings.batch_size))
 
 
 def _build_probes(settings: CompareSettings, path: Path) -> None:
