@@ -142,7 +142,7 @@ def test_judge_reward_reads_the_local_judges_log_odds_relative_to_each_sample():
 def test_bad_on_policy_settings_are_one_line_errors(settings):
     cases = {
         "on_policy applies to DPO only": dict(phase="sft"),
-        "--reward foo: expected MODULE:FUNCTION": dict(reward="foo"),
+        "--reward foo: expected arithmetic, reward:MODEL or MODULE:FUNCTION": dict(reward="foo"),
         "cannot import no_such_module_learndyn": dict(reward="no_such_module_learndyn:f"),
         "has no attribute missing": dict(reward="test_online_dpo:missing"),
         "is a int, not a function": dict(reward="test_online_dpo:NOT_CALLABLE"),
@@ -214,7 +214,7 @@ def test_cli_on_policy_with_a_reward_module_from_the_current_folder(settings, tm
     common = ["--data", "example", "--probes", settings["probes"], "--model", settings["model"], "--limit", "2",
               "--batch-size", "2", "--epochs", "1", "--max-length", "128", "--on-policy", "--max-new-tokens", "4"]
     bad = learndyn("train", "dpo", *common, "--out", str(tmp_path / "bad"), "--reward", "my_rewards", cwd=tmp_path)
-    assert_one_error_line(bad, "--reward my_rewards: expected MODULE:FUNCTION")
+    assert_one_error_line(bad, "--reward my_rewards: expected arithmetic, reward:MODEL or MODULE:FUNCTION")
     result = learndyn("train", "dpo", *common, "--out", str(tmp_path / "run"), "--reward", "my_rewards:shorter",
                       "--temperature", "0.7", cwd=tmp_path, REWARD_LOG=str(log))
     assert result.returncode == 0, result.stderr[-2000:]

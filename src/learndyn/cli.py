@@ -580,7 +580,7 @@ def judge(
     a_file: Annotated[Path, typer.Argument(help="Response file A (JSONL with prompt and response, e.g. from `learndyn generate`).")],
     b_file: Annotated[Path, typer.Argument(help="Response file B, with the same prompts in the same order.")],
     out_path: Annotated[Path, typer.Option("--out", help="Verdict file (JSONL, one row per pair); verdicts already in it are reused.")],
-    judge_spec: Annotated[str, typer.Option("--judge", help="openai:MODEL (any OpenAI-compatible endpoint) or local[:MODEL] (a local chat model's p(A) vs p(B)).")] = "local",
+    judge_spec: Annotated[str, typer.Option("--judge", help="openai:MODEL (any OpenAI-compatible endpoint), local[:MODEL] (a local chat model's p(A) vs p(B)) or reward:MODEL (a reward model's scores).")] = "local",
     base_url: BaseUrlOpt = None, api_key_env: ApiKeyEnvOpt = None, rate_limit: RateLimitOpt = None,
     max_pairs: Annotated[Optional[int], typer.Option(help="Judge only the first N pairs.")] = None,
     workers: Annotated[int, typer.Option(help="Requests at once (openai judge).")] = 4,

@@ -48,7 +48,7 @@ class CompareSettings:
     out: str = setting("learndyn-compare", "Folder for probes, runs, responses, verdicts, summary.json and "
                                            "report.html")
     model: str = setting(BUILTIN_MODEL, "Starting model of both arms")
-    judge: str = setting("local", "openai:MODEL or local[:MODEL] (see `learndyn judge`)")
+    judge: str = setting("local", "openai:MODEL, local[:MODEL] or reward:MODEL (see `learndyn judge`)")
     on_policy: bool = setting(False, "Add an arm: the baseline SFT model trained by on-policy DPO")
     filter_top: float | None = setting(None, "Add an arm: DPO from the baseline SFT model without this percentage "
                                              "of the pairs forecast to displace chosen most (equal DPO steps)")

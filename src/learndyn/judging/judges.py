@@ -33,7 +33,8 @@ from learndyn.judging.prompt import LETTER_INSTRUCTION, TEXT_INSTRUCTION, pairwi
 from learndyn.models import eval_mode
 from learndyn.openai_chat import DEFAULT_API_KEY_ENV, DEFAULT_BASE_URL, ChatClient
 
-__all__ = ["JUDGES", "Judge", "Judgment", "JudgingFailed", "LocalJudge", "OpenAIJudge", "make_judge", "vote"]
+__all__ = ["JUDGES", "Judge", "Judgment", "JudgingFailed", "LocalJudge", "OpenAIJudge", "RewardJudge", "make_judge",
+           "vote"]
 
 Item = tuple[Prompt, str, str]  # (prompt, first response, second response)
 
@@ -268,6 +269,34 @@ class LocalJudge:
         return logp[:, list(self._letters)]  # (B, 2)
 
 
+class RewardJudge:
+    """A reward model as a pairwise judge: A wins when its reward beats B's by more than `tie_margin`.
+    Deterministic and order-free, so both orders agree; `score` is the reward difference A − B."""
+
+    def __init__(self, model_name: str, *, batch_size: int = 8, tie_margin: float = 0.0, device: str | None = None):
+        from learndyn.rewards import RewardModel
+
+        if tie_margin < 0:
+            raise LearndynError("reward judge: tie_margin must be >= 0")
+        self.rewards = RewardModel(model_name, device=device, batch_size=batch_size)
+        self.spec = f"reward:{model_name}"
+        self.tie_margin = tie_margin
+        self.pairs_per_call = 4 * batch_size
+
+    def judge(self, items: Sequence[Item]) -> list[Judgment]:
+        prompts = [p for p, _, _ in items]
+        firsts = self.rewards.scores(prompts, [a for _, a, _ in items])
+        seconds = self.rewards.scores(prompts, [b for _, _, b in items])
+        out = []
+        for a, b in zip(firsts, seconds):
+            verdict = "tie" if abs(a - b) <= self.tie_margin else "A" if a > b else "B"
+            out.append(Judgment(verdict, f"reward A {a:.6g}, B {b:.6g}", a - b))
+        return out
+
+    def combine(self, ab: Judgment, ba: Judgment) -> str:
+        return vote(ab, ba)
+
+
 def _accepts(model: Any, name: str) -> bool:
     try:
         return name in inspect.signature(model.forward).parameters
@@ -290,12 +319,21 @@ def _local(model: str | None, options: dict[str, Any]) -> Judge:
     return LocalJudge(model_name=model, **{k: options[k] for k in _LOCAL_OPTIONS if options.get(k) is not None})
 
 
-JUDGES: dict[str, Callable[[str | None, dict[str, Any]], Judge]] = {"openai": _openai, "local": _local}
-_FORMS = "openai:MODEL, local[:MODEL]"
+def _reward(model: str | None, options: dict[str, Any]) -> Judge:
+    if not model:
+        raise LearndynError("judge 'reward' needs a reward model: reward:MODEL (a sequence classifier)")
+    return RewardJudge(model, **{k: options[k] for k in ("batch_size", "tie_margin", "device")
+                                 if options.get(k) is not None})
+
+
+JUDGES: dict[str, Callable[[str | None, dict[str, Any]], Judge]] = {"openai": _openai, "local": _local,
+                                                                    "reward": _reward}
+_FORMS = "openai:MODEL, local[:MODEL], reward:MODEL"
 
 
 def make_judge(spec: str, **options: Any) -> Judge:
-    """The judge named by `spec`: "openai:MODEL" or "local" / "local:MODEL" (a model `load_model` reads).
+    """The judge named by `spec`: "openai:MODEL", "local" / "local:MODEL" (a model `load_model` reads)
+    or "reward:MODEL" (a sequence-classification reward model: batch_size, tie_margin, device).
 
     `options` are the settings of either kind (openai: base_url, api_key_env, rate_limit, workers,
     timeout, max_retries, backoff, temperature; local: model and tokenizer already loaded, batch_size,

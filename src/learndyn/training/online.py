@@ -6,7 +6,8 @@ chosen, the other rejected) and takes a DPO step on those pairs against the froz
 The paper predicts that such negatives, sitting where the policy already puts its mass, squeeze far
 less than off-policy ones. TRL ranks pairs with reward functions only, so the ranker is one of:
 
-    reward   "MODULE:FUNCTION", a reward function called exactly as TRL calls one (see `load_reward`)
+    reward   arithmetic, reward:MODEL or MODULE:FUNCTION, called exactly as TRL calls a reward function
+             (see learndyn.rewards)
     judge    a pairwise `Judge` (any `make_judge` spec) turned into a reward function by `JudgeReward`
 
 Tie rule, the same for both: the first sample wins. TRL keeps the first of two equal rewards, and
@@ -20,76 +21,18 @@ Nothing here imports torch or TRL until a trainer is built, so settings can be c
 from __future__ import annotations
 
 import functools
-import importlib
-import os
-import re
-import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from learndyn.errors import LearndynError, first_line
+from learndyn.errors import LearndynError
 from learndyn.judging.judges import Judge, Judgment, make_judge
+from learndyn.rewards import RewardFn, load_reward
 
 __all__ = ["JudgeReward", "check_ranker", "load_reward", "make_ranker", "online_dpo_classes"]
 
-RewardFn = Callable[..., list[float | None]]
-_SPEC = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_][\w.]*)")
 _FLIP = {"A": "B", "B": "A", "tie": "tie", "unparsed": "unparsed"}
-
-
-def load_reward(spec: str) -> RewardFn:
-    """The reward function named by "MODULE:FUNCTION", checked on every call.
-
-    MODULE is imported as Python imports it, with the current directory searched last, so that
-    `--reward my_rewards:brevity` finds ./my_rewards.py. TRL calls the function once per step with
-    keyword arguments (accept **kwargs: TRL may add more):
-
-        prompts        2B prompts, the batch twice: [p1 .. pB, p1 .. pB] (text, or chat messages)
-        completions    2B samples in the same layout: every prompt's first sample, then every second
-                       one (text, or [{"role": "assistant", "content": TEXT}] for chat prompts)
-        completion_ids the sampled token ids; trainer_state, the transformers TrainerState
-
-    and it returns 2B numbers, higher is better (None counts as 0). Per prompt, the sample with the
-    higher reward becomes chosen; equal rewards keep the first sample.
-    """
-    match = _SPEC.fullmatch(spec or "")
-    if match is None:
-        raise LearndynError(f"--reward {spec}: expected MODULE:FUNCTION, e.g. my_rewards:brevity")
-    module_name, path = match.groups()
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())  # last: a file here must not shadow an installed package
-    try:
-        target: Any = importlib.import_module(module_name)
-    except Exception as err:  # the user's module may fail in any way while importing
-        raise LearndynError(f"--reward {spec}: cannot import {module_name} "
-                            f"({type(err).__name__}: {first_line(err)})") from None
-    for part in path.split("."):
-        if not hasattr(target, part):
-            raise LearndynError(f"--reward {spec}: {module_name} has no attribute {path}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise LearndynError(f"--reward {spec}: {module_name}.{path} is a {type(target).__name__}, not a function")
-    return _checked(target, spec)
-
-
-def _checked(function: RewardFn, spec: str) -> RewardFn:
-    """The user's function, made to fail with one clear line when it returns the wrong thing."""
-
-    @functools.wraps(function)
-    def reward(*, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
-        values = function(prompts=prompts, completions=completions, **kwargs)
-        try:
-            values = [None if v is None else float(v) for v in values]
-        except (TypeError, ValueError):
-            raise LearndynError(f"--reward {spec}: must return a list of numbers, "
-                                f"got {type(values).__name__}") from None
-        if len(values) != len(completions):
-            raise LearndynError(f"--reward {spec}: returned {len(values)} rewards for {len(completions)} completions")
-        return values
-
-    return reward
 
 
 class JudgeReward:

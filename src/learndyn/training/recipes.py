@@ -62,9 +62,11 @@ class TrainSettings:
     save_model: bool = setting(True, "Keep the final model in RUN/checkpoints/final")
     on_policy: bool = setting(False, "Each step, sample two responses per prompt from the current model and train "
                                      "on them, ranked", shown="off-policy, the data's pairs")
-    judge: str = setting("local", "Ranks the two samples (--on-policy): local, local:MODEL or openai:MODEL")
-    reward: str | None = setting(None, "MODULE:FUNCTION, a TRL-style reward function ranking the samples instead of "
-                                       "the judge; imports Python code (the current folder is searched)")
+    judge: str = setting("local", "Ranks the two samples (--on-policy): local, local:MODEL, openai:MODEL or "
+                                  "reward:MODEL")
+    reward: str | None = setting(None, "A reward ranking the samples instead of the judge: arithmetic, reward:MODEL "
+                                       "(a sequence-classification reward model) or MODULE:FUNCTION (TRL's reward "
+                                       "signature; imports Python code, the current folder is searched)")
     judge_base_url: str | None = setting(None, "Endpoint of an openai judge (--on-policy)",
                                          shown=DEFAULT_BASE_URL)
     judge_api_key_env: str | None = setting(None, "NAME of the environment variable holding an openai judge's API "
