@@ -1,6 +1,9 @@
 """Which forecast ranks likelihood displacement best? CHES against learndyn's first-order forecasts, on HH.
 
-    python bench/forecast_hh.py [--pairs 128] [--lr 5e-6] [--out bench-runs/forecast] [--filter]
+    python bench/forecast_hh.py [--pairs 128] [--lr 5e-6] [--out bench-runs/forecast] [--filter] [--resume]
+
+Every part keeps its results in --out; with --resume an interrupted run continues: the forecast from
+its checkpoint (or its finished forecast.parquet), each DPO run reused when finished.
 
 1. Forecast the first N pairs of the HH file on the built-in model (`forecast --cross`), timing each
    part; check the CountSketch against exact inner products on a subset (--exact-subset pairs).
@@ -31,7 +34,8 @@ from learndyn.dynamics.forecast import CountSketch, forecast_pairs
 from learndyn.dynamics.sequences import encode_update
 from learndyn.dynamics.step import rank_correlation
 from learndyn.probes.files import Probe, write_probes
-from learndyn.training.recipes import TrainSettings, train
+from learndyn.experiments.compare import train_once
+from learndyn.training.recipes import TrainSettings
 from learndyn.training.runs import read_metrics
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_helpful_probes" / "train.jsonl"
@@ -97,12 +101,12 @@ def chosen_probes(pairs, path: Path) -> None:
     write_probes([Probe(p.example_id, p.prompt, {"chosen": p.chosen}) for p in pairs], path)
 
 
-def dpo_changes(data: Path, probes: Path, out: Path, n: int, lr: float, seed: int) -> pd.Series:
+def dpo_changes(data: Path, probes: Path, out: Path, n: int, lr: float, seed: int, resume: bool) -> pd.Series:
     """One DPO epoch on `data` (every row), chosen of `probes` tracked at the start and the end."""
     steps = -(-n // 8)
-    run = train(TrainSettings(phase="dpo", data=str(data), probes=str(probes), out=str(out), learning_rate=lr,
-                              epochs=1, batch_size=8, every=steps, max_length=512, seed=seed, save_model=False),
-                overwrite=True)
+    run, _ = train_once(TrainSettings(phase="dpo", data=str(data), probes=str(probes), out=str(out), learning_rate=lr,
+                                      epochs=1, batch_size=8, every=steps, max_length=512, seed=seed,
+                                      save_model=False), resume=resume)
     table = read_metrics(run).pivot_table(index="example_id", columns="step", values="logp_sum")
     return table[table.columns[-1]] - table[table.columns[0]]
 
@@ -116,6 +120,7 @@ def main() -> None:
     parser.add_argument("--projection-dim", type=int, default=8192)
     parser.add_argument("--exact-subset", type=int, default=6)
     parser.add_argument("--filter", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--out", type=Path, default=Path("bench-runs/forecast"))
     args = parser.parse_args()
     if not args.data.is_file():
@@ -124,31 +129,40 @@ def main() -> None:
     pairs = load_preferences(str(args.data), limit=args.pairs)
     model, tokenizer = load_model("smollm2-135m-instruct", dtype="float32")
 
-    start = time.perf_counter()
-    result = forecast_pairs(model, tokenizer, pairs, lr=args.lr, cross=True, projection_dim=args.projection_dim,
-                            max_length=512, progress=True)
-    t = result.summary["timings"]
-    n = len(pairs)
-    print(f"forecast of {n} pairs in {time.perf_counter() - start:.0f} s: pass 1 (self, CHES) {t['pass_1'] / n:.2f} s/pair, "
-          f"sketching {t['sketch'] / n:.2f} s/pair, pass 2 (exact cross) {t['pass_2'] / n:.2f} s/pair, "
-          f"N×N map {t['kernel']:.3f} s; projected store {result.summary['projected_store_bytes'] / 2**20:.1f} MiB")
-    print(f"  sketch row sums vs exact cross_predicted: rank correlation {result.summary['projection_rank_agreement']:.3f}")
-    if args.exact_subset:
-        check = exact_subset_agreement(model, tokenizer, pairs[: args.exact_subset], args.projection_dim, args.lr)
-        print(f"  sketch vs exact c_ij on {check['pairs']} pairs ({check['pairs']**2} entries): rank correlation "
-              f"{check['rank_correlation']:.3f}, max error {check['max_relative_error']:.3f} of the largest entry")
-    del model
-
     args.out.mkdir(parents=True, exist_ok=True)
-    result.pairs.to_parquet(args.out / "forecast.parquet", index=False)
+    finished = args.out / "forecast.parquet"
+    if args.resume and finished.is_file():
+        print(f"forecast reused: {finished}")
+        frame = pd.read_parquet(finished)
+    else:
+        start = time.perf_counter()
+        result = forecast_pairs(model, tokenizer, pairs, lr=args.lr, cross=True, projection_dim=args.projection_dim,
+                                max_length=512, progress=True, checkpoint=args.out / "forecast-state.pt")
+        t = result.summary["timings"]
+        n = len(pairs)
+        print(f"forecast of {n} pairs in {time.perf_counter() - start:.0f} s: pass 1 (self, CHES) "
+              f"{t['pass_1'] / n:.2f} s/pair, sketching {t['sketch'] / n:.2f} s/pair, pass 2 (exact cross) "
+              f"{t['pass_2'] / n:.2f} s/pair, N×N map {t['kernel']:.3f} s; projected store "
+              f"{result.summary['projected_store_bytes'] / 2**20:.1f} MiB (a resumed forecast times its last part only)")
+        print(f"  sketch row sums vs exact cross_predicted: rank correlation "
+              f"{result.summary['projection_rank_agreement']:.3f}")
+        frame = result.pairs
+        frame.to_parquet(finished, index=False)
+        if args.exact_subset:
+            check = exact_subset_agreement(model, tokenizer, pairs[: args.exact_subset], args.projection_dim, args.lr)
+            print(f"  sketch vs exact c_ij on {check['pairs']} pairs ({check['pairs']**2} entries): rank correlation "
+                  f"{check['rank_correlation']:.3f}, max error {check['max_relative_error']:.3f} of the largest entry")
+    del model
+    n = len(pairs)
+
     probes, data = args.out / "probes.jsonl", args.out / "pairs.jsonl"
     chosen_probes(pairs, probes)
     write_pairs(pairs, data)
     start = time.perf_counter()
-    actual = dpo_changes(data, probes, args.out / "dpo", n, args.lr, seed=0).rename("actual")
+    actual = dpo_changes(data, probes, args.out / "dpo", n, args.lr, seed=0, resume=args.resume).rename("actual")
     print(f"one DPO epoch on {n} pairs (AdamW lr {args.lr:g}) in {time.perf_counter() - start:.0f} s: "
           f"{int((actual < 0).sum())} of {n} chosen responses fell, mean change {actual.mean():+.2f}")
-    both = result.pairs.set_index("example_id").join(actual, how="inner")
+    both = frame.set_index("example_id").join(actual, how="inner")
     for score, sign in SCORES.items():
         ok = both[[score, "actual"]].dropna()
         rho, low, high = spearman_interval(ok[score].to_numpy(), ok["actual"].to_numpy())
@@ -173,7 +187,8 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
         write_pairs(kept, data)
         probes = args.out / "probes-kept.jsonl"
         chosen_probes(kept, probes)
-        change = dpo_changes(data, probes, args.out / f"dpo-without-{name.replace(' ', '_')}", len(kept), args.lr, seed=0)
+        change = dpo_changes(data, probes, args.out / f"dpo-without-{name.replace(' ', '_')}", len(kept), args.lr, seed=0,
+                             resume=args.resume)
         print(f"  without the top {count} by {name}: mean change of chosen on the {len(kept)} kept {change.mean():+.2f}, "
               f"{int((change < 0).sum())} fell")
 
