@@ -89,3 +89,20 @@ def test_a_failing_reward_is_one_line_naming_it(monkeypatch):
 def test_arithmetic_is_a_reward_spec():
     reward = load_reward("arithmetic")
     assert reward(prompts=[CHAT, CHAT], completions=["5", "6"], answer=["5", "5"]) == [1.0, 0.0]
+
+
+def test_judge_command_takes_a_reward_model(reward_folder, tmp_path):
+    import json
+
+    from test_cli import learndyn, read_rows
+
+    rows = [{"example_id": f"q{i}", "prompt": CHAT, "response": r} for i, r in enumerate(["5", "six", "5"])]
+    other = [dict(row, response=r) for row, r in zip(rows, ["6", "five", "5"])]
+    for name, content in (("a.jsonl", rows), ("b.jsonl", other)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in content))
+    result = learndyn("judge", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--judge", f"reward:{reward_folder}",
+                      "--out", str(tmp_path / "v.jsonl"))
+    assert result.returncode == 0, result.stderr
+    verdicts = read_rows(tmp_path / "v.jsonl")
+    assert len(verdicts) == 3 and verdicts[2]["verdict"] == "tie"  # identical answers
+    assert all(v["judge"] == f"reward:{reward_folder}" for v in verdicts)
