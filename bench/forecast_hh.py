@@ -117,7 +117,7 @@ def main() -> None:
                         help="HH probe file (default: ../shared/data/hh_helpful_probes/train.jsonl)")
     parser.add_argument("--pairs", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-6)
-    parser.add_argument("--projection-dim", type=int, default=8192)
+    parser.add_argument("--projection-dim", type=int, default=32768)
     parser.add_argument("--exact-subset", type=int, default=6)
     parser.add_argument("--filter", action="store_true")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

@@ -150,7 +150,7 @@ def forecast_pairs(
     beta: float = 0.1,
     lr: float = 1e-6,
     cross: bool = False,
-    projection_dim: int | None = 8192,
+    projection_dim: int | None = 32768,
     top: int = 3,
     max_length: int | None = None,
     seed: int = 0,
@@ -222,7 +222,7 @@ def _first_pass(model, tokenizer, pairs, state: _Progress, spec: Loss, beta: flo
             if step is not None:
                 for acc, g in zip(state.total, step):
                     acc += g.float()
-            keep = sketch or _copies
+            keep = (lambda xs: sketch(xs).float()) if sketch else _copies  # float32 sketches: half the store
             state.chosen.append(None if u is None else keep(u))
             state.steps.append(None if step is None else keep(step))
             timings["sketch"] += time.perf_counter() - sketched
@@ -327,9 +327,9 @@ def _kernel(chosen: list, steps: list, lr: float, exact: bool) -> np.ndarray:
             for j in live:
                 kernel[i, j] = -lr * _dot(chosen[i], steps[j])
         return kernel
-    u = torch.stack([chosen[i] for i in live]).numpy()
-    g = torch.stack([steps[j] for j in live]).numpy()
-    kernel[np.ix_(live, live)] = -lr * (u @ g.T)
+    u = torch.stack([chosen[i] for i in live]).double()
+    g = torch.stack([steps[j] for j in live]).double()
+    kernel[np.ix_(live, live)] = -lr * (u @ g.T).numpy()
     return kernel
 
 

@@ -40,7 +40,7 @@ class ForecastSettings:
     lr: float = setting(1e-6, "Learning rate of the SGD step the changes are predicted for")
     cross: bool = setting(False, "Also forecast one pass over all pairs (cross_predicted, the displacement map); "
                                  "about 1.5x the time")
-    projection_dim: int = setting(8192, "Buckets of the CountSketch that compresses per-pair gradients for the map")
+    projection_dim: int = setting(32768, "Buckets of the CountSketch that compresses per-pair gradients for the map")
     top: int = setting(3, "Displacers listed per pair")
     drop_top: float | None = setting(None, "Write filtered.jsonl without this percentage of most displacing pairs")
     max_length: int | None = setting(None, "The training run's max_length: pairs are cut as `train` cuts them",
