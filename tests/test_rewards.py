@@ -44,6 +44,9 @@ def test_reward_model_scores_each_text_as_a_plain_forward_would(reward_folder):
             alone = rm.model(**ids).logits[0, 0].item()  # one text, no padding
         assert value == pytest.approx(alone, rel=1e-5, abs=1e-6)
     assert got[0] == pytest.approx(got[3], rel=1e-6)  # chat completion form reads the same as text
+    from learndyn.rewards import reward_model
+
+    assert reward_model(str(reward_folder)) is reward_model(str(reward_folder))  # loaded once (check, then train)
     assert rm.text(CHAT, "5") == "<|user|>What is 2 + 3? Reply with the number only.\n<|assistant|>5\n"
 
 

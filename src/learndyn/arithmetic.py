@@ -22,7 +22,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from learndyn.data import Preference
+from learndyn.data import Preference, plain_text
 
 __all__ = ["questions", "reward", "final_number"]
 
@@ -69,18 +69,12 @@ def reward(prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[
     `answer` is the dataset column TRL passes along; without it the answer is worked out from the
     question in the prompt. Completions may be text or chat messages (the assistant's content)."""
     if answer is None:
-        answer = [str(_solve(_text(p))) for p in prompts]
+        answer = [str(_solve(plain_text(p))) for p in prompts]
     scores = []
     for completion, expected in zip(completions, answer):
-        got = final_number(_text(completion))
+        got = final_number(plain_text(completion))
         scores.append(1.0 if got is not None and got == float(expected) else 0.0)
     return scores
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return " ".join(m.get("content", "") for m in value)
 
 
 def _solve(question: str) -> int | None:

@@ -443,14 +443,13 @@ def forecast(
 ) -> None:
     """Forecast, before training, which preference pairs will lower their chosen responses' likelihood
     (and which pairs drag which), with CHES beside the exact first-order forecast."""
-    from learndyn.experiments.forecast import CHECKPOINT, ForecastSettings, check_folder, run_forecast
+    from learndyn.experiments.forecast import CHECKPOINT, ForecastSettings, run_forecast
 
     given = dict(model=model, loss=loss, beta=beta, lr=lr, cross=cross, projection_dim=projection_dim, top=top,
                  drop_top=_percent(drop_top, "--drop-top"), max_length=_positive(max_length, "--max-length"),
                  limit=_positive(limit, "--limit"), seed=seed, device=device)
     settings = ForecastSettings(data=data, **{k: v for k, v in given.items() if v is not None})
     check_writable(out_dir)
-    check_folder(out_dir, resume, overwrite)
     try:
         summary = run_forecast(settings, out_dir, resume=resume, overwrite=overwrite)
     except KeyboardInterrupt:

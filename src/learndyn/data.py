@@ -71,6 +71,14 @@ def render_prompt(prompt: Prompt, tokenizer: Any) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
+def plain_text(value: Prompt) -> str:
+    """Text as is; chat messages as their contents joined (TRL hands a chat completion over as
+    [{"role": "assistant", "content": ...}])."""
+    if isinstance(value, str):
+        return value
+    return "".join(str(message.get("content") or "") for message in value)
+
+
 def prompt_room(max_length: int, longest: int) -> int:
     """Tokens a prompt may keep beside its longest response: what is left, but at least half of
     `max_length` (a long response gets cut rather than its context lost). Scoring and training share it."""

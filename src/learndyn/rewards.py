@@ -24,9 +24,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from learndyn.data import plain_text
 from learndyn.errors import LearndynError, first_line
 
-__all__ = ["RewardError", "RewardModel", "load_reward", "FORMS"]
+__all__ = ["RewardError", "RewardModel", "load_reward", "reward_model", "FORMS"]
 
 RewardFn = Callable[..., list[float | None]]
 FORMS = "arithmetic, reward:MODEL or MODULE:FUNCTION"
@@ -44,7 +45,7 @@ def load_reward(spec: str, *, device: str | None = None) -> RewardFn:
 
         return _checked(reward, spec)
     if (spec or "").startswith("reward:"):
-        return _checked(RewardModel(spec.removeprefix("reward:"), device=device), spec)
+        return _checked(reward_model(spec.removeprefix("reward:"), device), spec)
     return _checked(_import(spec), spec)
 
 
@@ -94,6 +95,12 @@ def _checked(function: RewardFn, spec: str) -> RewardFn:
     return reward
 
 
+@functools.lru_cache(maxsize=4)
+def reward_model(name: str, device: str | None = None) -> RewardModel:
+    """The reward model `name`, loaded once per process (checking a setting and training both use it)."""
+    return RewardModel(name, device=device)
+
+
 class RewardModel:
     """A sequence-classification reward model as a reward function: the score (its single logit) of
     the prompt followed by the completion, rendered by the model's chat template when the prompt is a
@@ -127,7 +134,7 @@ class RewardModel:
 
     def text(self, prompt: Any, completion: Any) -> str:
         """The conversation the reward model reads."""
-        answer = completion if isinstance(completion, str) else " ".join(m.get("content", "") for m in completion)
+        answer = plain_text(completion)
         if isinstance(prompt, str):
             return prompt + answer
         if getattr(self.tokenizer, "chat_template", None):

@@ -258,7 +258,7 @@ def _result(state: _Progress, kernel, spec: Loss, beta: float, lr: float, cross:
         frame.loc[np.isnan(kernel).all(axis=1), "cross_projected"] = np.nan
         ids = list(frame["example_id"])
         frame["top_displacers"] = [_most_negative(row, ids, top) for row in kernel]
-    frame = frame.reindex(columns=[c for c in COLUMNS if c in frame.columns or c == "note"])
+    frame = frame.reindex(columns=[c for c in COLUMNS if c in frame.columns])
     summary = _summary(frame, spec, beta, lr, cross, projection_dim)
     summary["timings"] = timings
     if cross:

@@ -15,12 +15,11 @@ log π(y⁺); the most negative displace the most.
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from learndyn.atomic import write_bytes, write_json, write_jsonl
+from learndyn.atomic import atomic_path, write_bytes, write_json, write_jsonl
 from learndyn.errors import LearndynError
 from learndyn.losses import get_loss
 from learndyn.models import BUILTIN_MODEL
@@ -39,7 +38,7 @@ class ForecastSettings:
     beta: float = setting(0.1, "beta of the loss")
     lr: float = setting(1e-6, "Learning rate of the SGD step the changes are predicted for")
     cross: bool = setting(False, "Also forecast one pass over all pairs (cross_predicted, the displacement map); "
-                                 "about 1.5x the time")
+                                 "about 1.3x the time")
     projection_dim: int = setting(32768, "Buckets of the CountSketch that compresses per-pair gradients for the map")
     top: int = setting(3, "Displacers listed per pair")
     drop_top: float | None = setting(None, "Write filtered.jsonl without this percentage of most displacing pairs")
@@ -110,13 +109,11 @@ def run_forecast(settings: ForecastSettings, out: str | Path, progress: bool = T
                                 max_length=settings.max_length, seed=settings.seed, progress=progress,
                                 checkpoint=checkpoint)
     frame, summary = result.pairs, {"settings": asdict(settings), **result.summary}
-    with io.BytesIO() as buffer:
-        frame.to_parquet(buffer, index=False)
-        write_bytes(out / "forecast.parquet", buffer.getvalue())
+    with atomic_path(out / "forecast.parquet") as tmp:
+        frame.to_parquet(tmp, index=False)
     if result.kernel is not None:
-        with io.BytesIO() as buffer:
-            np.save(buffer, result.kernel)
-            write_bytes(out / "displacement.npy", buffer.getvalue())
+        with atomic_path(out / "displacement.npy") as tmp, open(tmp, "wb") as fh:  # a file: np.save would add .npy
+            np.save(fh, result.kernel)
     if settings.drop_top is not None:
         dropped = set(drop_top(frame, settings.drop_top))
         kept = [p for p in pairs if p.example_id not in dropped]

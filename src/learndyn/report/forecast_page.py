@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from learndyn.report.explain_figures import png
 from learndyn.report.page import CSS, cell, fmt, html_table
 
 SHOWN = 12  # pairs in the table
@@ -49,9 +49,7 @@ def _negative(summary: dict[str, Any]) -> str:
 
 
 def _img(fig: Figure) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    return f'<figure><img alt="" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"></figure>'
+    return f'<figure><img alt="" src="data:image/png;base64,{base64.b64encode(png(fig)).decode()}"></figure>'
 
 
 def _scores_figure(frame: Any) -> Figure:

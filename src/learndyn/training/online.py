@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from learndyn.data import plain_text
 from learndyn.errors import LearndynError
 from learndyn.judging.judges import Judge, Judgment, make_judge
 from learndyn.rewards import RewardFn, load_reward
@@ -50,7 +51,7 @@ class JudgeReward:
 
     def __call__(self, *, prompts: list, completions: list, **kwargs: Any) -> list[float]:
         n = len(completions) // 2  # TRL's layout: every prompt's first sample, then every second one
-        texts = [_text(c) for c in completions]
+        texts = [plain_text(c) for c in completions]
         won = self.winners(prompts[:n], texts[:n], texts[n:])
         return [1.0 - w for w in won] + [float(w) for w in won]
 
@@ -77,13 +78,6 @@ class JudgeReward:
 def _relative_to_first(ba: Judgment) -> Judgment:
     """The order that showed the first sample second, re-read so that "A" means the first sample."""
     return replace(ba, verdict=_FLIP[ba.verdict], score=None if ba.score is None else -ba.score)
-
-
-def _text(completion: Any) -> str:
-    """A completion as text: TRL hands chat completions over as [{"role": "assistant", "content": ...}]."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(str(message.get("content") or "") for message in completion)
 
 
 def check_ranker(judge: str, reward: str | None, **judge_options: Any) -> None:
