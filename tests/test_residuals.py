@@ -7,7 +7,7 @@ from learndyn.dynamics.residuals import loss_value, residual, sequence_logps
 from learndyn.errors import LearndynError
 from learndyn.losses import LOSSES, Loss, get_loss, names
 
-EXPLAINED = names(explained=True)
+EXPLAINED = names(explained=True, policy_gradient=False)  # GRPO's: tests/test_explain_grpo.py
 
 
 def _batch(n_pairs=3, vocab=11, seed=0):
@@ -82,7 +82,7 @@ def test_losses_are_the_ones_trl_trains(seed):
 def test_names_resolve_once_to_the_registry_entry_and_bad_ones_are_one_line():
     assert get_loss("dpo") is get_loss("sigmoid") is LOSSES["sigmoid"]  # explain's old name still reads
     assert get_loss(LOSSES["ipo"], explained=True) is LOSSES["ipo"]
-    with pytest.raises(LearndynError, match="unknown loss 'kto' for explain; valid: sft, sigmoid, ipo, hinge, sigmoid_norm$"):
+    with pytest.raises(LearndynError, match="unknown loss 'kto' for explain; valid: sft, sigmoid, ipo, hinge, sigmoid_norm, dapo, grpo, dr_grpo, bnpo$"):
         get_loss("kto", explained=True)
     with pytest.raises(LearndynError, match="^explain does not support loss 'apo_zero'; valid: sft, sigmoid"):
         get_loss("apo_zero", explained=True)

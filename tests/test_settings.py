@@ -46,14 +46,15 @@ def test_cli_help_follows_the_settings_dataclasses(monkeypatch):
     from learndyn.experiments.explain import ExplainSettings
     from learndyn.training.recipes import TrainSettings
 
-    assert "Examples per optimizer step (per device; default 8)." in _help("train", "dpo")
+    assert ("Examples per optimizer step (per device; GRPO counts sampled completions, a multiple of "
+            "--num-generations; default 8).") in " ".join(_help("train", "dpo").split())
     assert "SFT epochs (default 3; 2 with --quick)." in _help("compare")
     assert "default https://api.openai.com/v1" in _help("judge")
-    for cls, name in ((TrainSettings, "beta"), (CompareSettings, "sft_epochs"), (ExplainSettings, "lr")):
+    for cls, name in ((TrainSettings, "every"), (CompareSettings, "sft_epochs"), (ExplainSettings, "lr")):
         monkeypatch.setattr(cls.__dataclass_fields__[name], "default", 0.37)
     try:
         importlib.reload(learndyn.cli)
-        assert "DPO beta (default 0.37)." in _help("train", "dpo")
+        assert "Score probes every N optimizer steps (default 0.37)." in _help("train", "dpo")
         assert "SFT epochs (default 0.37; 2 with --quick)." in _help("compare")
         assert "Learning rate of the step (default 0.37)." in _help("explain")
     finally:

@@ -8,7 +8,10 @@ the answer, else 0.0. Everything is generated here from the seed: no data is dow
 
 Each question is a `Preference` so that probes, training and scoring read it like any other data:
 chosen is the correct answer in the requested form, rejected a plausible wrong one (off by a small
-amount, or the result of the wrong operation), and the answer itself is kept in `extras["answer"]`.
+amount, or the result of the wrong operation), `extras["chosen_semantic"]` the correct answer reworded
+("The answer is 42.", one of a few wordings, all ending in the answer so the reward scores it 1.0),
+and the answer itself is kept in `columns["answer"]`, which TRL hands to the reward function. As a
+data source, `arithmetic[0:64]` names the first 64.
 
 The built-in model solves some, not all: on `questions(48, seed=0)`, SmolLM2-135M-Instruct answered
 33% greedily (24 new tokens) and 14% of samples at temperature 1, and 9 of 16 prompts had reward
@@ -24,16 +27,22 @@ from typing import Any
 
 from learndyn.data import Preference, plain_text
 
-__all__ = ["questions", "reward", "final_number"]
+__all__ = ["questions", "reward", "final_number", "TASK_SIZE"]
+
+TASK_SIZE = 2048  # questions per split of the `arithmetic` data source (learndyn.data)
 
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 INSTRUCTION = "Reply with the number only."
+# The correct answer in other words (chosen_semantic); the answer is the last number in each.
+REWORDINGS = ("The answer is {answer}.", "{a} {op} {b} = {answer}.", "It comes to {answer}.",
+              "That makes {answer}.")
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
 def questions(n: int, seed: int = 0, *, largest: int = 20) -> list[Preference]:
     """`n` questions on operands up to `largest` (products on operands up to 12), each a chat prompt."""
     rng = random.Random(f"arithmetic/{seed}")
+    wording = random.Random(f"arithmetic/{seed}/wording")  # its own stream: the questions stay as they were
     rows = []
     for i in range(n):
         op = rng.choice(list(OPERATIONS))
@@ -43,8 +52,9 @@ def questions(n: int, seed: int = 0, *, largest: int = 20) -> list[Preference]:
             a, b = b, a
         answer = OPERATIONS[op](a, b)
         prompt = [{"role": "user", "content": f"What is {a} {op} {b}? {INSTRUCTION}"}]
+        reworded = wording.choice(REWORDINGS).format(a=a, op=op, b=b, answer=answer)
         rows.append(Preference(f"arith-{seed}-{i:05d}", prompt, str(answer), str(_wrong(rng, op, a, b, answer)),
-                               {"answer": str(answer)}))
+                               extras={"chosen_semantic": reworded}, columns={"answer": str(answer)}))
     return rows
 
 

@@ -21,6 +21,7 @@ from learndyn.errors import LearndynError
 from learndyn.losses import names as loss_names
 from learndyn.memory import reporting_oom
 from learndyn.openai_chat import Endpoint
+from learndyn.rewards import FORMS as REWARD_FORMS
 from learndyn.settings import option_help
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
@@ -96,19 +97,28 @@ def _keyboard_interrupt(exc: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
+def _samples_help(name: str) -> str:
+    from learndyn.probes.samples import SampleSettings
+
+    return option_help(SampleSettings, name)
+
+
 @probes_app.command("build")
 def probes_build(
     data: Annotated[str, typer.Option(help="Preference data: 'example', a .jsonl/.json/.parquet/.csv file or a hub id, with optional :SPLIT.")],
     out_path: Annotated[Path, typer.Option("--out", help="Probe file to write (JSONL).")],
     held_out: Annotated[Optional[str], typer.Option(help="Held-out preference data whose chosen answers become other_test.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N examples.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for derangements and shuffles.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for derangements, shuffles and --reward samples.")] = 0,
     rephraser: Annotated[str, typer.Option(help="Backend for rephrases missing from the data: none, local or openai.")] = "none",
-    model: Annotated[Optional[str], typer.Option(help="Add the model's own greedy response ('greedy') using this model.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Add the model's own greedy response ('greedy') using this model; with --reward also its samples (default there: the built-in model).")] = None,
     rephrase_model: Annotated[str, typer.Option(help="Chat model of the 'local' rephraser.")] = "smollm2-135m-instruct",
     api_model: Annotated[str, typer.Option(help="Model name for the 'openai' rephraser.")] = "gpt-4o-mini",
     base_url: BaseUrlOpt = None, api_key_env: ApiKeyEnvOpt = None, rate_limit: RateLimitOpt = None,
-    greedy_tokens: Annotated[int, typer.Option(help="Longest greedy response, in tokens.")] = 64,
+    greedy_tokens: Annotated[int, typer.Option(help="Longest greedy response (and --reward sample), in tokens.")] = 64,
+    reward: Annotated[Optional[str], typer.Option(help=f"Add the model's own samples split by this reward ({REWARD_FORMS}): sample_rewarded (scored highest) and sample_unrewarded (lowest), where the rewards differ.")] = None,
+    samples: Annotated[Optional[int], typer.Option(help=_samples_help("samples"))] = None,
+    temperature: Annotated[Optional[float], typer.Option(help=_samples_help("temperature"))] = None,
     resume: Annotated[bool, typer.Option(help="Keep the rows already in --out and build the rest.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
     device: DeviceOpt = None,
@@ -118,13 +128,25 @@ def probes_build(
     from learndyn.data import load_preferences
     from learndyn.probes.build import build_probe_file, check_target
     from learndyn.probes.rephrase import REPHRASERS, make_rephraser
+    from learndyn.probes.samples import SampleSettings
 
     if rephraser not in REPHRASERS:
         raise LearndynError(f"unknown rephraser '{rephraser}'; valid: {', '.join(REPHRASERS)}")
+    if reward is None and (samples is not None or temperature is not None):
+        raise LearndynError("--samples and --temperature need --reward")
+    given = {k: v for k, v in dict(samples=samples, temperature=temperature).items() if v is not None}
+    sampling = SampleSettings(**given)
     check_target(out_path, resume, overwrite)
     check_writable(out_path.parent)
     train = load_preferences(data, limit=_positive(limit, "--limit"))
     test = load_preferences(held_out) if held_out else None
+    reward_fn = None
+    if reward is not None:
+        from learndyn.models import BUILTIN_MODEL
+        from learndyn.rewards import load_reward
+
+        model = model or BUILTIN_MODEL
+        reward_fn = load_reward(reward, device=device)  # a wrong spec fails before any model loads
     backend = None
     if rephraser == "local":
         from learndyn.models import load_model
@@ -139,15 +161,21 @@ def probes_build(
 
         policy_model, tokenizer = load_model(model, device=device, dtype=dtype)
     probes = build_probe_file(train, out_path, resume=resume, overwrite=overwrite, held_out=test, seed=seed,
-                              rephraser=backend, model=policy_model, tokenizer=tokenizer, greedy_max_tokens=greedy_tokens)
+                              rephraser=backend, model=policy_model, tokenizer=tokenizer, greedy_max_tokens=greedy_tokens,
+                              reward=reward_fn, samples=sampling.samples, temperature=sampling.temperature)
     counts = {}
     for p in probes:
         for name in p.responses:
             counts[name] = counts.get(name, 0) + 1
     out.print(f"wrote {len(probes)} probe rows to {out_path}")
-    out.print("  " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)
+    out.print("  " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False, soft_wrap=True)
     if test is None:
         out.print("  other_test skipped: pass --held-out DATA (e.g. --held-out example:test)")
+    if reward is not None:
+        split = counts.get("sample_rewarded", 0)
+        out.print(f"  sample_rewarded and sample_unrewarded on {split} of {len(probes)} prompts ({sampling.samples} "
+                  f"samples per prompt from {model} at temperature {sampling.temperature:g}, split by --reward "
+                  f"{reward})", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -292,6 +320,35 @@ def train_dpo(
            resume, overwrite)
 
 
+@train_app.command("grpo")
+def train_grpo(
+    data: DataOpt = None, probes: ProbesOpt = None, out_dir: RunOpt = None, config: ConfigOpt = None,
+    reward: Annotated[Optional[str], typer.Option(help=_train_help("reward"))] = None,
+    model: Annotated[Optional[str], typer.Option(help=_train_help("model"))] = None,
+    from_run: Annotated[Optional[str], typer.Option("--from", help=_train_help("from_run"))] = None,
+    num_generations: Annotated[Optional[int], typer.Option(help=_train_help("num_generations"))] = None,
+    loss: Annotated[Optional[str], typer.Option(help=f"{', '.join(loss_names(policy_gradient=True))}: "
+                                                + _train_help("loss"))] = None,
+    beta: Annotated[Optional[float], typer.Option(help=_train_help("beta"))] = None,
+    scale_rewards: Annotated[Optional[str], typer.Option(help=_train_help("scale_rewards"))] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help=_train_help("max_new_tokens"))] = None,
+    temperature: Annotated[Optional[float], typer.Option(help=_train_help("temperature"))] = None,
+    lr: LrOpt = None, epochs: EpochsOpt = None, batch_size: BatchOpt = None, every: EveryOpt = None,
+    limit: LimitOpt = None, probe_limit: ProbeLimitOpt = None, seed: SeedOpt = None, max_length: MaxLenOpt = None,
+    device: TrainDeviceOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+    lora: LoraOpt = None, lora_r: LoraROpt = None, lora_alpha: LoraAlphaOpt = None, lora_targets: LoraTargetsOpt = None,
+    lora_dropout: LoraDropoutOpt = None,
+) -> None:
+    """RL finetuning with a reward (TRL's GRPO and its loss types), every sample's reward kept in RUN/rewards/."""
+    _train("grpo", config, dict(data=data, probes=probes, out=out_dir, reward=reward, model=model, from_run=from_run,
+                                num_generations=num_generations, loss=loss, beta=beta, scale_rewards=scale_rewards,
+                                max_new_tokens=max_new_tokens, temperature=temperature, learning_rate=lr,
+                                epochs=epochs, batch_size=batch_size, every=every, limit=limit,
+                                probe_limit=probe_limit, seed=seed, max_length=max_length, device=device,
+                                **_lora_flags(lora, lora_r, lora_alpha, lora_targets, lora_dropout)),
+           resume, overwrite)
+
+
 @app.command()
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run folders: an SFT run and the DPO run made --from it, or two such arms.")],
@@ -322,21 +379,53 @@ def print_signatures(signatures: list[dict]) -> None:
              "not applicable": "n/a"}
     for sig in signatures:
         numbers = "\n".join([estimate_text(e) for e in sig["estimates"]]
-                            + [explained_text(s) for s in sig.get("explained_steps", [])])
+                            + [explained_text(s) for s in sig.get("explained_steps", [])]
+                            + ([f"reading: {sig['reading']}"] if sig.get("reading") else []))
         view.add_row(sig["name"].split(" [")[0], sig.get("arm") or "both", marks[sig["verdict"]], numbers)
     out.print(view)
 
 
+DEMO_OUT = Path("learndyn-demo")
+
+
+def _rl_demo_help(name: str) -> str:
+    from learndyn.experiments.rl_demo import RLDemoSettings
+
+    return option_help(RLDemoSettings, name)
+
+
+def _rl_demo(quick: bool, out_dir: Optional[Path], device: Optional[str], sft_epochs: Optional[float]) -> None:
+    from learndyn.experiments.rl_demo import rl_demo_settings, run_rl_demo
+    from learndyn.report import build_report, evaluate_signatures
+
+    settings = rl_demo_settings(quick, out=None if out_dir is None else str(out_dir), device=device,
+                                sft_epochs=sft_epochs)
+    check_writable(Path(settings.out))
+    runs = run_rl_demo(settings, console)
+    page = build_report(runs, settings.out)
+    print_signatures(evaluate_signatures(runs))
+    out.print(f"report: {page.resolve()}")
+
+
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for probes, runs and the report.")] = Path("learndyn-demo"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for probes, runs and the report (default "
+                                                        "learndyn-demo; learndyn-demo-rl with --rl).")] = DEMO_OUT,
     quick: Annotated[bool, typer.Option(help="A smaller run (about 5 minutes on 2 CPU cores).")] = False,
     device: DeviceOpt = None,
+    rl: Annotated[bool, typer.Option(help="The RL demo instead: GRPO on the built-in arithmetic task, with its "
+                                          "RL probes and signatures.")] = False,
+    sft_epochs: Annotated[Optional[float], typer.Option(help="With --rl: " + _rl_demo_help("sft_epochs"))] = None,
 ) -> None:
-    """Baseline SFT -> DPO and extended SFT -> DPO on the built-in model and example data, then the report."""
+    """Baseline SFT -> DPO and extended SFT -> DPO on the built-in model and example data, then the report
+    (with --rl: GRPO on the built-in arithmetic task)."""
     from learndyn.experiments.demo import run_demo, demo_settings
     from learndyn.report import build_report, evaluate_signatures
 
+    if sft_epochs is not None and not rl:
+        raise LearndynError("--sft-epochs applies to the RL demo; add --rl")
+    if rl:
+        return _rl_demo(quick, out_dir if out_dir != DEMO_OUT else None, device, sft_epochs)
     settings = demo_settings(quick, out=str(out_dir), device=device)
     check_writable(out_dir)
     runs = run_demo(settings, console)
@@ -375,19 +464,26 @@ def explain(
     probe_limit: Annotated[Optional[int], typer.Option(help=_explain_help("probe_limit"))] = None,
     chunk_tokens: Annotated[Optional[int], typer.Option(help=_explain_help("chunk_tokens"))] = None,
     max_length: Annotated[Optional[int], typer.Option(help=_explain_help("max_length"))] = None,
+    reward: Annotated[Optional[str], typer.Option(help=_explain_help("reward"))] = None,
+    num_generations: Annotated[Optional[int], typer.Option(help=_explain_help("num_generations"))] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help=_explain_help("max_new_tokens"))] = None,
+    scale_rewards: Annotated[Optional[str], typer.Option(help=_explain_help("scale_rewards"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_explain_help("seed"))] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help=_explain_help("tokenizer"))] = None,
     device: DeviceOpt = None,
     dtype: Annotated[Optional[str], typer.Option(help=_explain_help("dtype"))] = None,
 ) -> None:
     """Explain one update step: predicted vs actual change of every probe response, split into the
-    parts caused by the chosen and the rejected residual, and where the probability mass went."""
+    parts caused by the chosen and the rejected residual (GRPO: by the completions of positive and of
+    negative advantage), and where the probability mass went."""
     from learndyn.experiments.explain import ExplainSettings, run_explain
 
     given = dict(model=model, rows=rows and _int_list(rows, "--rows"), loss=loss, optimizer=optimizer, lr=lr,
                  weight_decay=weight_decay, max_grad_norm=max_grad_norm, beta=beta, ref_model=ref_model,
                  on_policy=on_policy, types=_names(types), probe_limit=_positive(probe_limit, "--probe-limit"),
                  chunk_tokens=_positive(chunk_tokens, "--chunk-tokens"), max_length=_positive(max_length, "--max-length"),
-                 tokenizer=tokenizer, device=device, dtype=dtype)
+                 reward=reward, num_generations=num_generations, max_new_tokens=max_new_tokens,
+                 scale_rewards=scale_rewards, seed=seed, tokenizer=tokenizer, device=device, dtype=dtype)
     given = {k: v for k, v in given.items() if v is not None}
     if max_grad_norm == 0:
         given["max_grad_norm"] = None  # no clipping
@@ -396,19 +492,27 @@ def explain(
     with reporting_oom("explain"):
         result = run_explain(settings, out_dir)
     print_explanation(result.summary)
-    out.print(f"written: {out_dir}/changes.parquet, positions.parquet, summary.json, changes.png, squeeze.png")
+    group = ", group.jsonl" if "zero_variance_groups" in result.summary["update"] else ""
+    out.print(f"written: {out_dir}/changes.parquet, positions.parquet, summary.json{group}, changes.png, squeeze.png")
 
 
 def print_explanation(summary: dict) -> None:
     from rich.table import Table
 
-    view = Table("response_type", "predicted", "actual", "from chosen", "from rejected", "argmax mass pred.",
-                 "argmax mass actual", title=f"Mean change of log π(y) after one {summary['loss']} step "
-                 f"({summary['optimizer']}, lr {summary['lr']:g})")
+    parts = [c for c in summary.get("parts", ["predicted_from_chosen", "predicted_from_rejected"])
+             if c != "predicted_from_state"]
+    view = Table("response_type", "predicted", "actual", *(c.replace("predicted_", "").replace("_", " ") for c in parts),
+                 "argmax mass pred.", "argmax mass actual", title=f"Mean change of log π(y) after one "
+                 f"{summary['loss']} step ({summary['optimizer']}, lr {summary['lr']:g})")
     for name, row in summary["by_type"].items():
-        view.add_row(name, *(f"{row[k]:+.4f}" for k in ("predicted", "actual", "predicted_from_chosen",
-                     "predicted_from_rejected", "argmax_mass_predicted", "argmax_mass_actual")))
+        view.add_row(name, *(f"{row[k]:+.4f}" for k in ("predicted", "actual", *parts, "argmax_mass_predicted",
+                                                         "argmax_mass_actual")))
     out.print(view)
+    update = summary["update"]
+    if "zero_variance_groups" in update:  # GRPO
+        out.print(f"GRPO step on {len(update['sequences'])} completions of {len(update['groups'])} prompts "
+                  f"(advantages scaled by {update['scale_rewards']}); {update['zero_variance_groups']} group(s) "
+                  "without reward variance gave no gradient")
     rho = summary["rank_correlation"]
     out.print(f"first order vs actual: relative error {summary['relative_error']:.3g}, rank correlation "
               f"{'n/a' if rho is None else f'{rho:.3f}'} over {summary['responses']} responses; mass onto argmax "
@@ -427,7 +531,7 @@ def forecast(
     data: Annotated[str, typer.Option(help=_forecast_help("data"))],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for forecast.parquet, summary.json, forecast.html (and displacement.npy, filtered.jsonl).")] = Path("learndyn-forecast"),
     model: Annotated[Optional[str], typer.Option(help=_forecast_help("model"))] = None,
-    loss: Annotated[Optional[str], typer.Option(help=f"{', '.join(n for n in loss_names(explained=True) if n != 'sft')}: " + _forecast_help("loss"))] = None,
+    loss: Annotated[Optional[str], typer.Option(help=f"{', '.join(n for n in loss_names(explained=True, pairwise=True))}: " + _forecast_help("loss"))] = None,
     beta: Annotated[Optional[float], typer.Option(help=_forecast_help("beta"))] = None,
     lr: Annotated[Optional[float], typer.Option(help=_forecast_help("lr"))] = None,
     cross: Annotated[Optional[bool], typer.Option("--cross", help=_forecast_help("cross"))] = None,

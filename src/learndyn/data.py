@@ -1,6 +1,7 @@
 """Preference data: many on-disk formats in, one record type (`Preference`) out.
 
-Accepted sources: the built-in `example` set, a local .jsonl/.json/.parquet/.csv file, or a Hugging
+Accepted sources: the built-in `example` set, the built-in `arithmetic` task (seeded questions with
+an exact-match reward, for RL finetuning; see learndyn.arithmetic), a local .jsonl/.json/.parquet/.csv file, or a Hugging
 Face hub dataset id, each optionally followed by `:SPLIT` (default `train`) and then by a row range
 `[START:STOP]` in Python's slice notation (`data.jsonl[:400]`, `data.jsonl[400:]`), which splits one
 file into training and held-out parts; rows keep their file positions as default ids. Rows hold
@@ -36,6 +37,8 @@ Prompt = str | Messages
 log = logging.getLogger(__name__)
 
 EXAMPLE_DATA = "example"
+TASK_DATA = "arithmetic"  # the built-in verifiable task (learndyn.arithmetic), for RL finetuning
+_OWN_COLUMNS = frozenset({"example_id", "id", "prompt", "chosen", "rejected"})
 HH_MARKER = "\n\nAssistant:"
 
 
@@ -44,7 +47,8 @@ class Preference:
     """One preference example: a prompt, its chosen and rejected responses, and any extra probes.
 
     `extras` holds further responses already present in the source (rephrases, the authors' probe
-    columns), keyed by their probe-vocabulary name.
+    columns), keyed by their probe-vocabulary name; `columns` the source's other columns (a task's
+    `answer`, ...), which RL finetuning hands to the reward function as TRL does.
     """
 
     example_id: str
@@ -52,6 +56,7 @@ class Preference:
     chosen: str
     rejected: str | None
     extras: dict[str, str] = field(default_factory=dict)
+    columns: dict[str, Any] = field(default_factory=dict)
 
 
 def render_prompt(prompt: Prompt, tokenizer: Any) -> str:
@@ -194,6 +199,8 @@ def _split_spec(spec: str) -> tuple[str, str]:
 
 
 def _read_rows(source: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    if source == TASK_DATA:
+        return _task_rows(split)
     if source == EXAMPLE_DATA:
         path = resources.files("learndyn") / "resources" / f"example_{split}.jsonl"
         if not path.is_file():
@@ -205,6 +212,18 @@ def _read_rows(source: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
             raise LearndynError(f"{source}: a local file has no splits (':{split}' applies to hub ids and 'example')")
         return read_records(path)
     return _hub_rows(source, split)
+
+
+def _task_rows(split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The built-in task's questions, TASK_SIZE per split (train: seed 0, test: seed 1)."""
+    from learndyn.arithmetic import TASK_SIZE, questions
+
+    seeds = {"train": 0, "test": 1}
+    if split not in seeds:
+        raise LearndynError(f"built-in task '{TASK_DATA}' has no split '{split}'; valid: train, test")
+    for i, q in enumerate(questions(TASK_SIZE, seed=seeds[split])):
+        yield f"{TASK_DATA}:{split} row {i}", {"id": q.example_id, "prompt": q.prompt, "chosen": q.chosen,
+                                               "rejected": q.rejected, **q.extras, **q.columns}
 
 
 def _hub_rows(dataset_id: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -321,13 +340,15 @@ def _to_preference(row: dict[str, Any], where: str, *, default_id: str, need_rej
         rejected = _response(row["rejected"], where, "rejected") if row.get("rejected") is not None else None
     else:
         prompt, chosen, rejected = _implicit_prompt(row, where)
-    extras = {}
+    extras, columns = {}, {}
     for column, value in row.items():
         name = canonical_type(column)
+        if name is None and column not in _OWN_COLUMNS:
+            columns[column] = value
         if name in (None, "chosen", "rejected") or value is None or value == "":
             continue
         extras[name] = _response(value, where, column)
-    return Preference(example_id, prompt, chosen, rejected, extras)
+    return Preference(example_id, prompt, chosen, rejected, extras, columns)
 
 
 def parse_prompt(value: Any, where: str) -> Prompt:

@@ -41,6 +41,26 @@ def generate(
     reproducible for the same prompts and batch size, and the global torch RNG is left untouched.
     A rich progress bar labelled `progress` is shown when there is more than one batch.
     """
+    tokens = generate_tokens(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             do_sample=do_sample, temperature=temperature, seed=seed, progress=progress)
+    eos_ids = _eos_ids(model, tokenizer) if tokens else []
+    return [tokenizer.decode(_until_eos(t, eos_ids), skip_special_tokens=True).strip() for t in tokens]
+
+
+def generate_tokens(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    progress: str | None = "Generating",
+) -> list[list[int]]:
+    """`generate`'s responses as the token ids the model produced: the new tokens up to and including
+    the first EOS (none when the response was cut at `max_new_tokens`), as an RL trainer trains on them."""
     if max_new_tokens < 1:
         raise LearndynError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -62,7 +82,7 @@ def generate(
     else:  # silence sampling settings a model's generation_config may carry
         options.update(temperature=None, top_k=None, top_p=None)
 
-    results: list[str] = [""] * len(encoded)
+    results: list[list[int]] = [[] for _ in encoded]
     device = model.device
     # eval mode: dropout off, so greedy decoding is deterministic even mid-training
     with eval_mode(model), _seeded(seed if do_sample else None, device), torch.inference_mode(), \
@@ -74,7 +94,7 @@ def generate(
             )  # (B, T + new)
             new_tokens = output[:, input_ids.shape[1]:].tolist()  # (B, new)
             for i, tokens in zip(batch, new_tokens):
-                results[i] = tokenizer.decode(_until_eos(tokens, eos_ids), skip_special_tokens=True).strip()
+                results[i] = _through_eos(tokens, eos_ids)
             advance(len(batch))
     return results
 
@@ -107,6 +127,14 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])  # (B, T)
     attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])  # (B, T)
     return input_ids, attention_mask
+
+
+def _through_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
+    """Tokens through the first EOS, which is kept (what follows it in a batch is padding)."""
+    for position, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:position + 1]
+    return tokens
 
 
 def _until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:

@@ -19,6 +19,23 @@ The other TRL losses train (`train dpo --loss`) but have no residual here yet: t
 function of the margin alone (apo_*, sppo_hard, nca_pair, aot*), need running state (bco_pair) or
 extra parameters (robust, exo_pair, discopop), so `explain` refuses them by name.
 
+Policy-gradient losses (`policy_gradient`, the `loss_type`s of TRL's GRPOTrainer) act on groups of
+completions sampled for one prompt, each with its advantage A_i (`SCALE_REWARDS`; dynamics/groups.py
+computes it as TRL does). At the first iteration of a generation batch (num_iterations = 1) the
+importance ratio is exactly 1 and its clipping has no effect on the gradient, so per token
+
+    ℓ_it = −A_i · exp(log π_it − sg[log π_it])  [+ β · k3_it,  k3 = π_ref/π − log(π_ref/π) − 1]
+    L = Σ_i w_i Σ_t ℓ_it,    `weights` = w (one token weight per completion i of the batch of B):
+
+    grpo     w_i = 1 / (B · |y_i|)                 mean over each completion's tokens, then over completions
+    dr_grpo  w_i = 1 / (B · max_completion_length)
+    dapo     w_i = 1 / Σ_j |y_j|                    tokens of the whole batch (one process, no accumulation)
+    bnpo     w_i = 1 / Σ_j |y_j|                    the same for one batch
+
+TRL's other loss types (cispo, sapo, luspo, vespo) train (`train grpo`) but have no `weights`
+here, so `explain` refuses them. Callers select the kind they need: `pairwise=True` for DPO,
+`policy_gradient=True` for GRPO (None, the default: any kind).
+
 Adding a TRL loss to training and explain is one entry in LOSSES (see the README's contributor notes).
 Torch is imported inside the functions, so that listing the names (CLI help) stays light.
 """
@@ -32,6 +49,8 @@ from typing import Any
 from learndyn.errors import LearndynError
 
 Curve = Callable[[Any, float], Any]  # (margin tensor h, beta) -> tensor
+Weights = Callable[[Any, "int | None"], Any]  # (tokens per completion (B,), max_completion_length) -> w (B,)
+SCALE_REWARDS = ("group", "batch", "none")  # TRL's scale_rewards: the std an advantage is divided by
 
 
 @dataclass(frozen=True)
@@ -44,10 +63,19 @@ class Loss:
     slope: Curve | None = None
     per_token: bool = False  # each side's log-ratio is divided by its completion length first
     online: bool = False  # TRL's OnlineDPOTrainer implements it (train dpo --on-policy)
+    policy_gradient: bool = False  # a GRPOTrainer loss_type (train grpo): advantage-weighted, not pairwise
+    weights: Weights | None = None  # policy gradient: each completion's token weight w_i, where explain has it
+
+    @property
+    def default_beta(self) -> float:
+        """TRL's default β: DPOConfig's 0.1; GRPOConfig's 0.0 (no KL term, no reference model)."""
+        return 0.0 if self.policy_gradient else 0.1
 
     @property
     def explained(self) -> bool:
         """Whether `explain` has its residual."""
+        if self.policy_gradient:
+            return self.weights is not None
         return not self.pairwise or (self.value is not None and self.slope is not None)
 
 
@@ -81,6 +109,33 @@ def _hinge_slope(h: Any, beta: float) -> Any:
     return -beta * (beta * h < 1).to(h.dtype)
 
 
+def _per_completion(lengths: Any, max_completion_length: int | None) -> Any:
+    """grpo: each completion's token mean, then the mean over completions (TRL clamps |y| at 1)."""
+    import torch
+
+    return 1 / (len(lengths) * lengths.clamp(min=1).to(torch.float64))
+
+
+def _per_constant(lengths: Any, max_completion_length: int | None) -> Any:
+    """dr_grpo: one constant, B · max_completion_length, so that long completions weigh no less per token."""
+    import torch
+
+    if not max_completion_length:
+        raise LearndynError("loss dr_grpo divides by max_completion_length (--max-new-tokens); give it")
+    return torch.full(lengths.shape, 1 / (len(lengths) * max_completion_length), dtype=torch.float64)
+
+
+def _per_batch_token(lengths: Any, max_completion_length: int | None) -> Any:
+    """dapo, bnpo: the mean over every completion token of the batch."""
+    import torch
+
+    return torch.full(lengths.shape, 1 / max(int(lengths.sum()), 1), dtype=torch.float64)
+
+
+_WEIGHTS: dict[str, Weights] = {"dapo": _per_batch_token, "grpo": _per_completion, "dr_grpo": _per_constant,
+                                "bnpo": _per_batch_token}
+
+
 LOSSES: dict[str, Loss] = {
     "sft": Loss("sft", pairwise=False),
     "sigmoid": Loss("sigmoid", value=_sigmoid_value, slope=_sigmoid_slope, online=True),
@@ -89,27 +144,33 @@ LOSSES: dict[str, Loss] = {
     "sigmoid_norm": Loss("sigmoid_norm", value=_sigmoid_value, slope=_sigmoid_slope, per_token=True),
     **{name: Loss(name) for name in ("exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                                      "aot_unpaired", "apo_zero", "apo_down", "discopop")},
+    **{name: Loss(name, pairwise=False, policy_gradient=True, weights=_WEIGHTS.get(name))
+       for name in ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")},
 }
 ALIASES = {"dpo": "sigmoid"}  # the name explain took before the registry followed TRL
 
 
-def names(*, pairwise: bool | None = None, explained: bool | None = None, online: bool | None = None) -> list[str]:
+def names(*, pairwise: bool | None = None, explained: bool | None = None, online: bool | None = None,
+          policy_gradient: bool | None = None) -> list[str]:
     """The registry's names with the given properties (None: either), in registry order."""
     return [n for n, loss in LOSSES.items()
             if (pairwise is None or loss.pairwise == pairwise) and (explained is None or loss.explained == explained)
-            and (online is None or loss.online == online)]
+            and (online is None or loss.online == online)
+            and (policy_gradient is None or loss.policy_gradient == policy_gradient)]
 
 
-def get_loss(loss: str | Loss, *, pairwise: bool | None = None, explained: bool = False, online: bool = False) -> Loss:
+def get_loss(loss: str | Loss, *, pairwise: bool | None = None, explained: bool = False, online: bool = False,
+             policy_gradient: bool | None = None) -> Loss:
     """The Loss for a name (or the Loss itself), checked for what the caller needs; one line otherwise."""
     if isinstance(loss, Loss):
         found = loss
     else:
         key = ALIASES.get(loss, loss)
-        valid = names(pairwise=pairwise, explained=explained or None, online=online or None)
+        valid = names(pairwise=pairwise, explained=explained or None, online=online or None,
+                      policy_gradient=policy_gradient)
         if key not in LOSSES or key not in valid:
             what = ("explain" if explained else "on-policy DPO (TRL's OnlineDPOTrainer)" if online
-                    else "DPO" if pairwise else "learndyn")
+                    else "GRPO" if policy_gradient else "DPO" if pairwise else "learndyn")
             problem = f"{what} does not support loss '{key}'" if key in LOSSES else f"unknown loss '{loss}' for {what}"
             raise LearndynError(f"{problem}; valid: {', '.join(valid)}")
         found = LOSSES[key]

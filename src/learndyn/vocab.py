@@ -23,6 +23,8 @@ RESPONSE_TYPES: dict[str, tuple[str, str]] = {
     "shuffled_other": ("y_rnd", "the words of another response, shuffled"),
     "base_sample": ("y_init", "a sample from a base model"),
     "greedy": ("y*", "the model's own greedy decode at the start of a run"),
+    "sample_rewarded": ("y_s+", "the model's own sample at the start of the run that the reward scored highest"),
+    "sample_unrewarded": ("y_s-", "the model's own sample at the start of the run that the reward scored lowest"),
 }
 TYPE_NAMES: tuple[str, ...] = tuple(RESPONSE_TYPES)
 REPHRASE_TYPES: tuple[str, ...] = ("chosen_semantic", "chosen_format", "rejected_semantic", "rejected_format")

@@ -14,9 +14,24 @@ with ℓ and ℓ' from the loss's entry in learndyn/losses.py (the registry keye
 log π of a sequence is the sum over its tokens, except for the `per_token` losses (TRL's ipo and
 sigmoid_norm), which divide each side's log-ratio by its completion length |y| first, so
 h = [log π(y⁺) − log π_ref(y⁺)]/|y⁺| − [...]/|y⁻| and G on a token of y carries a further 1/|y|.
+
+The policy-gradient losses (GRPO's loss types; the sequences are the B completions of the batch,
+with advantages A (B,) and token weights w = loss.weights(|y|, max_completion_length), see losses.py):
+
+    policy  L = Σ_i w_i Σ_t [−A_i · exp(log π_it − sg[log π_it]) + β·k3_it],   ∂L/∂log π_it = −A_i w_i + β w_i (1 − r_it)
+            G_it = A_i w_i (π_it − e_{y_it})  +  β w_i (r_it − 1)(π_it − e_{y_it}),   r_it = π_ref(y_it)/π(y_it)
+(∂ log π(y)/∂z = e_y − π). The KL part vanishes where π_ref = π (no reference model: the first step).
+
+`residual_parts` splits G by cause, the split explain reports (`parts` names them in order):
+    sft      chosen (all of G)
+    pairs    chosen (G on y⁺: the pull-up), rejected (G on y⁻: the push-down)
+    policy   positive (completions with A > 0: pulled up), negative (A < 0: pushed down), and kl
+             (the β term, on every completion) when β ≠ 0; completions with A = 0 give no policy part.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -52,30 +67,118 @@ def margin(seq_logps: Tensor, ref_logps: Tensor | None, lengths: Tensor | None =
     return chosen - rejected
 
 
+@dataclass(frozen=True)
+class Terms:
+    """What a loss needs beyond the logits: β, the reference's log-probs (per sequence (S,) for the
+    pairwise losses, per token (N,) for the policy-gradient ones, whose KL term is per token), and for
+    the policy-gradient losses the advantages (S,) and TRL's max_completion_length (dr_grpo)."""
+
+    beta: float = 0.1
+    ref_logps: Tensor | None = None
+    advantages: Tensor | None = None
+    max_completion_length: int | None = None
+
+
+def kind(loss: Loss) -> str:
+    """The row of the tables below that holds `loss`'s formulas."""
+    return "policy" if loss.policy_gradient else "pairs" if loss.pairwise else "sft"
+
+
+def parts(loss: Loss, beta: float) -> tuple[str, ...]:
+    """The causes a step's prediction is split into, in the order `residual_parts` returns them."""
+    return _PARTS[kind(loss)] + (("kl",) if loss.policy_gradient and beta else ())
+
+
 def loss_value(loss: Loss, logits: Tensor, labels: Tensor, seq: Tensor, n_seq: int,
-               beta: float = 0.1, ref_logps: Tensor | None = None) -> Tensor:
-    """The scalar loss that `residual` differentiates (for reporting and for the autograd tests)."""
-    if not loss.pairwise:
-        return -wide(logits).log_softmax(-1).gather(-1, labels[:, None]).mean()
-    h = margin(sequence_logps(logits, labels, seq, n_seq), ref_logps, _lengths(loss, seq, n_seq))
-    return loss.value(h, beta).mean()
+               beta: float = 0.1, ref_logps: Tensor | None = None, **terms) -> Tensor:
+    """The scalar loss that `residual` differentiates (for reporting and for the autograd tests);
+    `terms` are the further fields of `Terms` (advantages, max_completion_length)."""
+    return _VALUES[kind(loss)](loss, logits, labels, seq, n_seq, Terms(beta, ref_logps, **terms))
 
 
 def residual(loss: Loss, logits: Tensor, labels: Tensor, seq: Tensor, n_seq: int,
-             beta: float = 0.1, ref_logps: Tensor | None = None) -> Tensor:
+             beta: float = 0.1, ref_logps: Tensor | None = None, **terms) -> Tensor:
     """G = ∂L/∂z at every position (N, V), from the closed forms in the module docstring."""
+    return sum(residual_parts(loss, logits, labels, seq, n_seq, beta, ref_logps, **terms).values())
+
+
+def residual_parts(loss: Loss, logits: Tensor, labels: Tensor, seq: Tensor, n_seq: int,
+                   beta: float = 0.1, ref_logps: Tensor | None = None, **terms) -> dict[str, Tensor]:
+    """G split by cause (module docstring), each part (N, V), named as `parts` names them; they sum to G."""
+    return _RESIDUALS[kind(loss)](loss, logits, labels, seq, n_seq, Terms(beta, ref_logps, **terms))
+
+
+def _sft_value(loss: Loss, logits, labels, seq, n_seq, terms: Terms) -> Tensor:
+    return -wide(logits).log_softmax(-1).gather(-1, labels[:, None]).mean()
+
+
+def _sft_parts(loss: Loss, logits, labels, seq, n_seq, terms: Terms) -> dict[str, Tensor]:
+    return {"chosen": token_residual(logits, labels) / len(labels)}
+
+
+def _pair_value(loss: Loss, logits, labels, seq, n_seq, terms: Terms) -> Tensor:
+    h = margin(sequence_logps(logits, labels, seq, n_seq), terms.ref_logps, _lengths(loss, seq, n_seq))
+    return loss.value(h, terms.beta).mean()
+
+
+def _pair_parts(loss: Loss, logits, labels, seq, n_seq, terms: Terms) -> dict[str, Tensor]:
     g = token_residual(logits, labels)  # (N, V)
-    if not loss.pairwise:
-        return g / len(labels)
     n_pairs, lengths = n_seq // 2, _lengths(loss, seq, n_seq)
     with torch.no_grad():
-        h = margin(sequence_logps(logits, labels, seq, n_seq), ref_logps, lengths)  # (P,)
-        slope = loss.slope(h, beta) / n_pairs  # (P,)
-    sign = torch.where(seq < n_pairs, -1.0, 1.0).to(g.dtype)  # pull y⁺ up, push y⁻ down
+        h = margin(sequence_logps(logits, labels, seq, n_seq), terms.ref_logps, lengths)  # (P,)
+        slope = loss.slope(h, terms.beta) / n_pairs  # (P,)
+    chosen = seq < n_pairs
+    sign = torch.where(chosen, -1.0, 1.0).to(g.dtype)  # pull y⁺ up, push y⁻ down
     weight = sign * slope[seq % n_pairs]
     if lengths is not None:
         weight = weight / lengths[seq].to(weight.dtype)
-    return g * weight[:, None]
+    g = g * weight[:, None]
+    return {"chosen": g * chosen[:, None].to(g.dtype), "rejected": g * (~chosen)[:, None].to(g.dtype)}
+
+
+def _policy_weights(loss: Loss, seq: Tensor, n_seq: int, terms: Terms) -> tuple[Tensor, Tensor]:
+    """(A_i, w_i) at every position (N,) each, in float64."""
+    if terms.advantages is None:
+        raise ValueError(f"loss {loss.name} needs the completions' advantages")
+    w = loss.weights(torch.bincount(seq, minlength=n_seq), terms.max_completion_length).to(seq.device)  # (S,)
+    return terms.advantages.to(w)[seq], w[seq]
+
+
+def _token_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    return wide(logits).log_softmax(-1).gather(-1, labels[:, None])[:, 0]  # (N,)
+
+
+def _policy_value(loss: Loss, logits, labels, seq, n_seq, terms: Terms) -> Tensor:
+    a, w = _policy_weights(loss, seq, n_seq, terms)
+    logp = _token_logps(logits, labels)  # (N,)
+    per_token = -a.to(logp) * torch.exp(logp - logp.detach())  # the importance ratio, exactly 1 in value
+    if terms.beta:
+        d = _reference(terms, logp) - logp  # log π_ref − log π
+        per_token = per_token + terms.beta * (torch.exp(d) - d - 1)
+    return (w.to(logp) * per_token).sum()
+
+
+def _policy_parts(loss: Loss, logits, labels, seq, n_seq, terms: Terms) -> dict[str, Tensor]:
+    g = token_residual(logits, labels)  # (N, V)
+    a, w = _policy_weights(loss, seq, n_seq, terms)
+    a, w = a.to(g.dtype), w.to(g.dtype)
+    out = {"positive": g * (a.clamp(min=0) * w)[:, None], "negative": g * (a.clamp(max=0) * w)[:, None]}
+    if terms.beta:
+        with torch.no_grad():
+            logp = _token_logps(logits, labels)
+            r = torch.exp(_reference(terms, logp) - logp)  # π_ref(y)/π(y)
+        out["kl"] = g * (terms.beta * w * (r - 1).to(g.dtype))[:, None]
+    return out
+
+
+def _reference(terms: Terms, logp: Tensor) -> Tensor:
+    """Per-token log π_ref; without a reference, the current model's own (no KL pull)."""
+    return logp.detach() if terms.ref_logps is None else terms.ref_logps.to(logp)
+
+
+_VALUES = {"sft": _sft_value, "pairs": _pair_value, "policy": _policy_value}
+_RESIDUALS = {"sft": _sft_parts, "pairs": _pair_parts, "policy": _policy_parts}
+_PARTS = {"sft": ("chosen",), "pairs": ("chosen", "rejected"), "policy": ("positive", "negative")}
 
 
 def _lengths(loss: Loss, seq: Tensor, n_seq: int) -> Tensor | None:

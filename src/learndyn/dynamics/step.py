@@ -7,7 +7,12 @@ log-probability of an observed token y_l (Ren & Sutherland, Eq. 5) is
 
 Δθ is affine in the update's gradient g = Σ_u J_uᵀ G_u (see `updates.py`), and g splits into the
 part from the chosen residual G⁺ and the part from the rejected residual G⁻, so the prediction
-splits the same way. Nothing of size V×V (the eNTK) or (probes × parameters) is ever formed:
+splits the same way: columns predicted_from_chosen and predicted_from_rejected (and
+predicted_from_state, what the optimizer adds itself). For GRPO's loss types the update is a batch
+of `groups.Group`s (completions of a prompt with rewards, advantages A as TRL computes them) and the
+parts are the residual on completions with A > 0 (predicted_from_positive: what the step pulls up),
+on those with A < 0 (predicted_from_negative: what it pushes down) and, when β ≠ 0, the KL term
+(predicted_from_kl); see `residuals.py`. Nothing of size V×V (the eNTK) or (probes × parameters) is ever formed:
     one forward + one backward per residual part on the update batch gives g⁺ and g⁻;
     one forward-mode pass (jvp, vmapped over the parts) over the probes gives Δz = J·Δθ at every position;
     one plain forward at θ + Δθ gives the actual change.
@@ -37,7 +42,8 @@ from torch.func import functional_call, jvp, vmap
 
 from learndyn.data import Preference, fit_prompts
 from learndyn.dynamics.positions import PositionsSink, positions_sink
-from learndyn.dynamics.residuals import loss_value, residual, sequence_logps, wide
+from learndyn.dynamics.groups import Group, advantages, encode_groups
+from learndyn.dynamics.residuals import loss_value, parts, residual_parts, sequence_logps, wide
 from learndyn.dynamics.sequences import (
     ProbeBatch,
     ResponseLogits,
@@ -63,10 +69,16 @@ from learndyn.scoring import context_length
 # Positions reduced at once. (128, V) float32 blocks (25 MB at V=49k) stay under glibc's largest mmap
 # threshold, so the temporaries are reused instead of faulted in afresh: on CPU 2x faster than 256 rows.
 _ROWS = 128
-# Columns summed over a response's positions (log π(y) is a sum), and the ones averaged.
-_SUMMED = ["logp", "actual", "predicted", "predicted_from_chosen", "predicted_from_rejected",
-           "predicted_from_state", "kernel", "argmax_prob_predicted", "argmax_prob_actual"]
+# Columns summed over a response's positions (log π(y) is a sum), around the loss's parts; the ones averaged.
+_SUMMED = ["logp", "actual", "predicted", "kernel", "argmax_prob_predicted", "argmax_prob_actual"]
 _AVERAGED = ["entropy_predicted", "entropy_actual"]
+
+
+def part_columns(loss: Loss, beta: float) -> list[str]:
+    """The prediction's split by cause, as columns: the residual's parts, then the optimizer state.
+    SFT's table keeps an all-zero predicted_from_rejected: every SFT and DPO table has the same columns."""
+    names = parts(loss, beta) if loss.policy_gradient else ("chosen", "rejected")
+    return [f"predicted_from_{part}" for part in (*names, "state")]
 
 
 @dataclass
@@ -82,13 +94,15 @@ class Explanation:
 def explain_step(
     model: Any,
     tokenizer: Any,
-    update: Sequence[Preference],
+    update: Sequence[Preference] | Sequence[Group],
     probes: Sequence[Probe],
     *,
     loss: str | Loss = "sft",
     rule: OptimizerRule | None = None,
-    beta: float = 0.1,
+    beta: float | None = None,
     ref_model: Any = None,
+    scale_rewards: str = "group",
+    max_completion_length: int | None = None,
     state: dict | None = None,
     types: Sequence[str] | None = None,
     chunk_tokens: int = 1024,
@@ -110,9 +124,15 @@ def explain_step(
     `max_length` is a training run's: the update is cut as `train` cuts it (a long prompt keeps its
     last tokens, then each sequence its first `max_length` tokens, as TRL does) and the probes are
     scored within it, as the run's callback scores them. The model is never modified.
+
+    For GRPO's loss types (grpo, dr_grpo, dapo, bnpo) `update` holds `Group`s; their advantages
+    follow TRL's `scale_rewards` and dr_grpo divides by `max_completion_length`. `beta` defaults to
+    TRL's (0.1 for the preference losses, 0 for GRPO); the reference model of the KL term (β > 0)
+    defaults to the model itself, as at a run's first step, where the term has no gradient.
     """
     rule = rule or OptimizerRule()
     spec = get_loss(loss, explained=True)  # resolved here once; the object goes down
+    beta = spec.default_beta if beta is None else beta
     limit = context_length(model)
     check_tokenizer(model, tokenizer)
     if not split_model(model).shares_cache():
@@ -120,20 +140,19 @@ def explain_step(
                             f"{model.config.model_type} model keeps a recurrent state that cannot be shared that way "
                             "(score and train work on it; explain does not yet)")
     _check_unique_ids(probes)
-    if max_length is not None:
-        update, _ = fit_prompts(list(update), tokenizer, max_length)
-    upd = encode_update(update, tokenizer, pairwise=spec.pairwise, max_length=limit, truncate=max_length)
+    upd, terms, group_info = _encode(update, tokenizer, spec, limit, max_length, scale_rewards, max_completion_length)
     obs = probe_sequences(probes, tokenizer, types, min((n for n in (limit, max_length) if n), default=None))
     timings: dict[str, float] = {}
     params = {f"lm.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise LearndynError("the model has no trainable parameters")
-    check_fits(model, "explain", tokens=chunk_tokens, causes=_n_causes(spec.pairwise, rule, state))
+    check_fits(model, "explain", tokens=chunk_tokens, causes=_n_causes(len(parts(spec, beta)), rule, state))
     sink = positions_sink(positions_out)
 
     with explain_mode(model), explain_mode(ref_model):
         t0 = time.perf_counter()
-        grads, update_info = _update_gradients(ResponseLogits(model), params, upd, spec, beta, ref_model)
+        grads, update_info = _update_gradients(ResponseLogits(model), params, upd, spec, beta, ref_model, terms)
+        update_info.update(group_info)
         full = {n: sum(part[n] for part in grads.values()) for n in params}
         step = plan_step(rule, {n: p.detach() for n, p in params.items()}, full,
                          {f"lm.{n}": s for n, s in (state or {}).items()})
@@ -160,7 +179,8 @@ def explain_step(
         timings["update_gradient_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        head, totals = SharedPromptLogits(model), _Totals()
+        columns = part_columns(spec, beta)
+        head, totals = SharedPromptLogits(model), _Totals(columns)
         order = {key: i for i, key in enumerate(obs.keys)}
         by_order = lambda r: (order[r["example_id"], r["response_type"]], r["position"])  # noqa: E731
         token_text = functools.cache(lambda t: tokenizer.decode([t]))
@@ -168,8 +188,8 @@ def explain_step(
             batches = list(probe_batches(obs, chunk_tokens, pad=can_pad_prompts(model)))
             for groups in tracked(batches, "Explaining" if progress else None, len(batches)):
                 batch = probe_batch(obs, groups, chunk_tokens, model.device)
-                rows = sorted(_explain_batch(head, params, after, causes, stacked, obs, batch, rule, top_k, token_text),
-                              key=by_order)  # each response whole and in position order
+                rows = sorted(_explain_batch(head, params, after, causes, stacked, obs, batch, rule, top_k, token_text,
+                                             columns), key=by_order)  # each response whole and in position order
                 totals.add(rows)
                 sink.add(rows)
                 del rows
@@ -180,7 +200,7 @@ def explain_step(
         timings["probes_s"] = time.perf_counter() - t0
 
     changes = totals.changes(order)
-    summary = _summary(changes, totals, update_info, rule, spec.name, beta, timings, step_norm)
+    summary = _summary(changes, totals, update_info, rule, spec.name, beta, timings, step_norm, columns)
     return Explanation(changes, positions, summary, kept if keep_delta else None)
 
 
@@ -204,41 +224,69 @@ def predict_naive(model: Any, tokenizer: Any, probes: Sequence[Probe], delta: di
     return pd.DataFrame(rows)
 
 
+def _encode(update: Sequence[Preference] | Sequence[Group], tokenizer: Any, spec: Loss, limit: int | None,
+            max_length: int | None, scale_rewards: str, max_completion_length: int | None
+            ) -> tuple[Sequences, dict, dict]:
+    """The update's sequences, the loss's further terms (advantages) and what to report about groups."""
+    if not spec.policy_gradient:
+        if max_length is not None:
+            update, _ = fit_prompts(list(update), tokenizer, max_length)
+        return encode_update(update, tokenizer, pairwise=spec.pairwise, max_length=limit, truncate=max_length), {}, {}
+    if not all(isinstance(g, Group) for g in update):
+        raise LearndynError(f"loss {spec.name} explains a GRPO step: the update is groups of completions with "
+                            "rewards (learndyn.dynamics.groups.Group), not preference pairs")
+    if max_length is not None:
+        raise LearndynError(f"loss {spec.name}: GRPO cuts completions at max_completion_length (--max-new-tokens), "
+                            "not at --max-length")
+    upd = encode_groups(update, tokenizer, max_length=limit, max_completion_length=max_completion_length)
+    adv, info = advantages(update, scale_rewards)
+    info["max_completion_length"] = max_completion_length
+    return upd, {"advantages": adv, "max_completion_length": max_completion_length}, info
+
+
 def _update_gradients(head: ResponseLogits, params: dict[str, Tensor], upd: Sequences, loss: Loss, beta: float,
-                      ref_model: Any) -> tuple[dict[str, dict[str, Tensor]], dict]:
-    """g⁺ (and g⁻) = Jᵀ G⁺ (G⁻): one forward, then one backward per residual part."""
+                      ref_model: Any, terms: dict) -> tuple[dict[str, dict[str, Tensor]], dict]:
+    """g⁺ (and g⁻, ...) = Jᵀ G⁺ (G⁻, ...): one forward, then one backward per residual part."""
     ids, mask, rows, cols, labels, seq = full_inputs(upd, range(len(upd.ids)), head.lm.device)
     n_seq = len(upd.ids)
     with torch.enable_grad():
         logits = head(ids, mask, rows, cols)  # (N, V)
-        ref = _reference_logps(ref_model, ids, mask, rows, cols, labels, seq, n_seq, logits) \
-            if loss.pairwise else None
-        g_all = residual(loss, logits.detach(), labels, seq, n_seq, beta=beta, ref_logps=ref)  # (N, V)
-        sides = {"chosen": seq < n_seq // 2, "rejected": seq >= n_seq // 2} if loss.pairwise \
-            else {"chosen": torch.ones_like(seq, dtype=torch.bool)}
+        ref = _reference_logps(ref_model, ids, mask, rows, cols, labels, seq, n_seq, logits, loss, beta)
+        g_parts = residual_parts(loss, logits.detach(), labels, seq, n_seq, beta=beta, ref_logps=ref, **terms)
         grads = {}
-        for i, (side, where) in enumerate(sides.items()):
-            part = g_all * where[:, None].to(g_all.dtype)
+        for i, (side, part) in enumerate(g_parts.items()):  # each (N, V)
             got = torch.autograd.grad(logits, list(params.values()), part.to(logits.dtype),
-                                      retain_graph=i + 1 < len(sides), allow_unused=True)
+                                      retain_graph=i + 1 < len(g_parts), allow_unused=True)
             grads[side] = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), got)}
+        del g_parts
     with torch.no_grad():
-        value = float(loss_value(loss, logits.detach(), labels, seq, n_seq, beta=beta, ref_logps=ref))
+        value = float(loss_value(loss, logits.detach(), labels, seq, n_seq, beta=beta, ref_logps=ref, **terms))
         logps = sequence_logps(logits.detach(), labels, seq, n_seq)
     info = {"loss": value, "sequences": [{"example_id": k[0], "side": k[1], "logp_sum": float(v)}
                                          for k, v in zip(upd.keys, logps)]}
+    if "advantages" in terms:  # GRPO: each completion's advantage and length beside its log-prob
+        lengths = torch.bincount(seq, minlength=n_seq).tolist()
+        for row, a, n in zip(info["sequences"], terms["advantages"].tolist(), lengths):
+            row.update(advantage=a, n_tokens=n)
     return grads, info
 
 
-def _reference_logps(ref_model, ids, mask, rows, cols, labels, seq, n_seq, logits) -> Tensor:
-    """log π_ref of the update sequences; without a reference model, the current model's (h = 0)."""
+def _reference_logps(ref_model, ids, mask, rows, cols, labels, seq, n_seq, logits, loss: Loss,
+                     beta: float) -> Tensor | None:
+    """log π_ref of the update, where the loss uses it: per sequence for the pairwise losses, per token
+    for a KL term (β ≠ 0) of the policy-gradient ones; without a reference model, the current model's
+    (h = 0, no KL pull)."""
+    if not (loss.pairwise or (loss.policy_gradient and beta)):
+        return None
     with torch.no_grad():
         ref_logits = logits.detach() if ref_model is None else ResponseLogits(ref_model)(ids, mask, rows, cols)
-        return sequence_logps(ref_logits, labels, seq, n_seq)
+        if loss.pairwise:
+            return sequence_logps(ref_logits, labels, seq, n_seq)
+        return wide(ref_logits).log_softmax(-1).gather(-1, labels[:, None])[:, 0]  # (N,)
 
 
 def _explain_batch(head, params, after, causes, stacked, obs: Sequences, batch: ProbeBatch, rule, top_k,
-                   token_text) -> list[dict]:
+                   token_text, columns: list[str]) -> list[dict]:
     """Per position: Δz of every cause by jvp at θ, and the distribution at θ + Δθ.
 
     The jvp is vmapped over the causes (`stacked` holds their tangents on a leading axis), so the
@@ -256,12 +304,13 @@ def _explain_batch(head, params, after, causes, stacked, obs: Sequences, batch: 
     for lo in range(0, len(batch.labels), _ROWS):
         sl = slice(lo, lo + _ROWS)
         out.extend(_position_stats(z[sl], {k: v[sl] for k, v in dz.items()}, z_after[sl], batch.labels[sl],
-                                   where[sl], rule, top_k, token_text))
+                                   where[sl], rule, top_k, token_text, columns))
     return out
 
 
-def _position_stats(z, dz, z_after, labels, where, rule, top_k, token_text) -> list[dict]:
-    """Statistics of n positions from their logits (n, V); `where` is (example_id, response_type, position)."""
+def _position_stats(z, dz, z_after, labels, where, rule, top_k, token_text, columns: list[str]) -> list[dict]:
+    """Statistics of n positions from their logits (n, V); `where` is (example_id, response_type, position);
+    `columns` the parts of the prediction (a cause with no tangent, such as sft's rejected, is zero)."""
     logp = wide(z).log_softmax(-1)  # (n, V)
     p = logp.exp()
     at = lambda t: t.gather(-1, labels[:, None])[:, 0]  # noqa: E731  value at the observed token
@@ -281,9 +330,7 @@ def _position_stats(z, dz, z_after, labels, where, rule, top_k, token_text) -> l
     at_top = lambda t: t.gather(-1, top[:, None])[:, 0]  # noqa: E731
     stats = {
         "logp": at(logp), "actual": at(logp_after) - at(logp), "predicted": at(total), "kernel": kernel,
-        "predicted_from_chosen": cols_pred["from_chosen"],
-        "predicted_from_rejected": cols_pred.get("from_rejected", torch.zeros_like(ent)),
-        "predicted_from_state": cols_pred.get("from_state", torch.zeros_like(ent)),
+        **{c: cols_pred.get(c.removeprefix("predicted_"), torch.zeros_like(ent)) for c in columns},
         "argmax_prob": at_top(p), "argmax_prob_predicted": at_top(dp_pred), "argmax_prob_actual": at_top(dp_act),
         "entropy": ent, "entropy_predicted": -(dp_pred * logp).sum(-1),
         "entropy_actual": -(p_after * logp_after).sum(-1) - ent,
@@ -307,7 +354,8 @@ class _Totals:
     never inside one), so its sums equal those of the full table, rounding included; the
     per-position sums of the summary are exactly rounded (`_ExactSum`), hence chunking-invariant."""
 
-    def __init__(self) -> None:
+    def __init__(self, columns: list[str]) -> None:
+        self.columns = columns  # the prediction's parts (predicted_from_*)
         self.parts: list[Any] = []  # per-response frames, one per chunk
         self.positions = 0
         self.argmax = {"argmax_prob_predicted": _ExactSum(), "argmax_prob_actual": _ExactSum()}
@@ -316,7 +364,7 @@ class _Totals:
         import pandas as pd
 
         frame = pd.DataFrame(rows)
-        self.parts.append(_per_response(frame))
+        self.parts.append(_per_response(frame, self.columns))
         self.positions += len(frame)
         for column, total in self.argmax.items():
             total.add(frame[column].tolist())
@@ -356,10 +404,11 @@ class _ExactSum:
         return math.fsum(self.partials)
 
 
-def _per_response(positions: Any) -> Any:
+def _per_response(positions: Any, columns: list[str]) -> Any:
     """Sequence-level changes: sums over positions (log π(y) is a sum), entropy change averaged."""
     grouped = positions.groupby(["example_id", "response_type"], sort=False)
-    changes = grouped[_SUMMED].sum().rename(columns={
+    summed = [*_SUMMED[:3], *columns, *_SUMMED[3:]]  # logp, actual, predicted, the parts, kernel, argmax
+    changes = grouped[summed].sum().rename(columns={
         "logp": "logp_sum", "argmax_prob_predicted": "argmax_mass_predicted", "argmax_prob_actual": "argmax_mass_actual"})
     changes = changes.join(grouped[_AVERAGED].mean())
     changes["n_tokens"] = grouped.size()
@@ -376,21 +425,21 @@ def _check_unique_ids(probes: Sequence[Probe]) -> None:
         seen.add(probe.example_id)
 
 
-def _n_causes(pairwise: bool, rule: OptimizerRule, state: dict | None) -> int:
-    """How many tangents the jvp carries (from_chosen, from_rejected, from_state, kernel), for the
+def _n_causes(n_parts: int, rule: OptimizerRule, state: dict | None) -> int:
+    """How many tangents the jvp carries at most (the residual's parts, from_state, kernel), for the
     memory estimate; from_state and kernel are counted whenever the rule may need them."""
-    return 1 + pairwise + 2 * (rule.name != "sgd" or bool(state))
+    return n_parts + 2 * (rule.name != "sgd" or bool(state))
 
 
-def _summary(changes, totals: _Totals, update_info, rule, loss, beta, timings, step_norm: float) -> dict:
+def _summary(changes, totals: _Totals, update_info, rule, loss, beta, timings, step_norm: float,
+             columns: list[str]) -> dict:
     """Headline numbers: agreement of predicted and actual, the split by cause, the mass on argmax tokens."""
     pred, act = changes["predicted"], changes["actual"]
     predicted, actual = (totals.argmax[k].value() for k in ("argmax_prob_predicted", "argmax_prob_actual"))
     by_type = changes.groupby("response_type", sort=False)[
-        ["predicted", "actual", "predicted_from_chosen", "predicted_from_rejected", "predicted_from_state",
-         "argmax_mass_predicted", "argmax_mass_actual"]].mean()
+        ["predicted", "actual", *columns, "argmax_mass_predicted", "argmax_mass_actual"]].mean()
     return {
-        "loss": loss, "beta": beta, "optimizer": rule.name, "lr": rule.lr, "weight_decay": rule.weight_decay,
+        "loss": loss, "beta": beta, "parts": columns, "optimizer": rule.name, "lr": rule.lr, "weight_decay": rule.weight_decay,
         "max_grad_norm": rule.max_grad_norm,
         "update": update_info,
         "step_norm": step_norm,

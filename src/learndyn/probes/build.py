@@ -2,8 +2,10 @@
 
 Cheap types come from the data itself with seeded randomness (derangements so that "another
 prompt's answer" is never the prompt's own); rephrases come from columns when present, else from a
-rephraser backend; `greedy` is the model's own greedy decode when a model is given. Rows depend only
-on the seed and the data, so a build interrupted by a failing rephraser resumes to the same file.
+rephraser backend; `greedy` is the model's own greedy decode when a model is given, and with a reward
+too, `sample_rewarded`/`sample_unrewarded` split the model's own samples by it (learndyn.probes.samples).
+Rows depend only on the seed and the data (and the model), so a build interrupted by a failing
+rephraser or reward resumes to the same file; finished rows are never redone.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from learndyn.errors import LearndynError
 from learndyn.probes.files import Probe, read_probes, write_probes
 from learndyn.progress import progress
 from learndyn.probes.rephrase import Rephraser
+from learndyn.probes.samples import SampleSettings, SamplingStopped, add_reward_samples
+from learndyn.rewards import RewardFn
 from learndyn.vocab import REPHRASE_TYPES
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _BORROWED = ("other_train", "fluent_random", "shuffled_other")  # types lent by another training example
+_SAMPLING = SampleSettings()  # the defaults of `samples` and `temperature`
 
 
 class ProbeBuildError(LearndynError):
@@ -42,14 +47,24 @@ def build_probes(
     model: Any = None,
     tokenizer: Any = None,
     greedy_max_tokens: int = 64,
+    reward: str | RewardFn | None = None,
+    samples: int = _SAMPLING.samples,
+    temperature: float = _SAMPLING.temperature,
     done: Sequence[Probe] = (),
     batch_size: int = 8,
 ) -> list[Probe]:
     """Probe rows for `train`, one per example, in the same order.
 
-    `held_out` supplies `other_test` (answers to prompts not trained on). `done` holds rows from an
-    earlier, interrupted build of the same data and seed; they are kept as they are.
+    `held_out` supplies `other_test` (answers to prompts not trained on). `reward` (a spec for
+    `learndyn.rewards.load_reward`, or a function with TRL's reward signature) splits `samples`
+    samples per prompt from `model`, at `temperature` and up to `greedy_max_tokens` long, into
+    `sample_rewarded`/`sample_unrewarded`; a spec's reward is checked on every call, while a function
+    is called as given (only a LearndynError it raises keeps the finished rows). `done` holds rows
+    from an earlier, interrupted build of the same data and seed; they are kept as they are.
     """
+    sampling = SampleSettings(samples=samples, temperature=temperature)  # checked before any work
+    if reward is not None and model is None:
+        raise LearndynError("a reward needs a model to sample from (--model)")
     finished = {p.example_id: p for p in done}
     sources = {s: derangement(len(train), random.Random(f"{seed}/{s}")) for s in _BORROWED}
     probes = [finished.get(p.example_id) or _cheap_probe(p, i, train, held_out, sources, seed)
@@ -57,6 +72,9 @@ def build_probes(
     todo = [p for p in probes if p.example_id not in finished]
     if model is not None and todo:
         _add_greedy(todo, model, tokenizer, greedy_max_tokens, batch_size)
+    if reward is not None and todo:
+        _add_samples(probes, todo, train, model, tokenizer, reward, sampling, seed, greedy_max_tokens,
+                     needs_rephrase=rephraser is not None)
     if rephraser is not None and todo:
         _add_rephrases(probes, todo, rephraser, batch_size)
     return probes
@@ -167,10 +185,35 @@ def _add_greedy(todo: list[Probe], model: Any, tokenizer: Any, max_new_tokens: i
             probe.responses["greedy"] = text
 
 
+def _add_samples(probes: list[Probe], todo: list[Probe], train: Sequence[Preference], model: Any, tokenizer: Any,
+                 reward: str | RewardFn, sampling: SampleSettings, seed: int, max_new_tokens: int, *,
+                 needs_rephrase: bool) -> None:
+    """Sample and reward prompt by prompt; when the reward fails, the rows sampled before it are
+    finished, unless they still wait for a rephrase (rephrasing comes after sampling)."""
+    if isinstance(reward, str):
+        from learndyn.rewards import load_reward
+
+        reward = load_reward(reward, device=str(model.device))
+    columns = {p.example_id: p.columns for p in train}
+    try:
+        add_reward_samples(todo, columns, model, tokenizer, reward, sampling, seed=seed,
+                           max_new_tokens=max_new_tokens)
+    except SamplingStopped as err:
+        pending = {p.example_id for p in todo[err.finished:]}
+        if needs_rephrase:
+            pending |= {p.example_id for p, _ in _rephrase_jobs(todo[:err.finished])}
+        raise ProbeBuildError(str(err), [p for p in probes if p.example_id not in pending]) from None
+
+
+def _rephrase_jobs(todo: list[Probe]) -> list[tuple[Probe, str]]:
+    """(probe, type) for every rephrase type a probe lacks whose source (chosen/rejected) it has."""
+    return [(p, name) for p in todo for name in REPHRASE_TYPES if name not in p.responses
+            and p.responses.get(name.split("_")[0])]
+
+
 def _add_rephrases(probes: list[Probe], todo: list[Probe], rephraser: Rephraser, batch_size: int) -> None:
     """Fill missing rephrase types chunk by chunk, so a failure keeps every finished chunk."""
-    jobs = [(p, name) for p in todo for name in REPHRASE_TYPES if name not in p.responses
-            and p.responses.get(name.split("_")[0])]
+    jobs = _rephrase_jobs(todo)
     with progress("Rephrasing", len(jobs)) as advance:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]

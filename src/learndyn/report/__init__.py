@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from learndyn.atomic import write_bytes, write_json
-from learndyn.report import figures, page
+from learndyn.report import figures, page, reward_figures
 from learndyn.report.arms import load_arms
 from learndyn.report.signatures import attach_explained, evaluate, read_explained
 
@@ -30,6 +30,9 @@ FIGURES = {  # file stem -> (caption, plots change from step 0?)
     "logp_change": ("Per-type change in mean logp_sum since the arm's step 0 (greedy: since its own run's "
                     "start, as each run decodes its own).", True),
 }
+
+REWARDS_CAPTION = ("GRPO: mean reward per optimizer step, from every sampled completion's kept reward, and the share "
+                   "of prompt groups whose samples all got the same reward (a zero advantage: no gradient).")
 
 
 def evaluate_signatures(runs: list[str | Path], explained: Sequence[str | Path] = ()) -> list[dict[str, Any]]:
@@ -52,6 +55,10 @@ def build_report(runs: list[str | Path], out: str | Path | None = None, *,
         png = figures.render(arms, change=change)
         write_bytes(out / "figures" / f"{stem}.png", png)
         pngs[stem] = (caption, png)
+    rewards = reward_figures.render(arms)
+    if rewards is not None:
+        write_bytes(out / "figures" / "rewards.png", rewards)
+        pngs["rewards"] = (REWARDS_CAPTION, rewards)
     write_json(out / "signatures.json", signatures)
     write_bytes(out / "report.html", page.render(arms, signatures, pngs, sections).encode("utf-8"))
     return out / "report.html"

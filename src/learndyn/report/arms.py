@@ -6,7 +6,8 @@ SFT run's last epoch), a divider at the phase boundary. A DPO run is chained aft
 config `from` names when that run is also given or exists on disk. An arm is "extended" if one of
 its SFT runs trained on chosen and rejected (`extend: true`, the paper's dataset extension), else
 "baseline"; a report compares arms of the two kinds. An arm whose DPO ran on-policy (`on_policy: true`,
-pairs sampled from the policy at each step) is labelled so, e.g. "baseline, on-policy DPO".
+pairs sampled from the policy at each step) is labelled so, e.g. "baseline, on-policy DPO"; an arm
+with a GRPO run is labelled "GRPO" ("extended, GRPO" after an extended SFT).
 
 Curves are per-type means over examples of one metric column, indexed by optimizer step. This module
 reads files only (no torch, no model).
@@ -187,7 +188,10 @@ def _arm(chain: list[_Run]) -> Arm:
     sft = [r for r in chain if r.config.get("phase") == "sft"] or chain
     kind = "extended" if any(r.config.get("extend") for r in sft) else "baseline"
     on_policy = any(r.config.get("on_policy") for r in chain)
-    return Arm(f"{kind}, on-policy DPO" if on_policy else kind, kind, segments, on_policy)
+    label = f"{kind}, on-policy DPO" if on_policy else kind
+    if any(r.config.get("phase") == "grpo" for r in chain):
+        label = "GRPO" if kind == "baseline" else f"{kind}, GRPO"
+    return Arm(label, kind, segments, on_policy)
 
 
 def _unique_labels(arms: list[Arm]) -> None:

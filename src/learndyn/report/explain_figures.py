@@ -2,8 +2,8 @@
 
 changes: left, predicted against actual change of log π(y) per probe response (the first-order
          prediction is right when the points sit on the diagonal); right, per response type, the
-         prediction split by cause (chosen residual, rejected residual, optimizer state) beside the
-         actual change.
+         prediction split by cause (chosen residual, rejected residual, optimizer state; for GRPO
+         the completions of positive and of negative advantage and the KL term) beside the actual change.
 squeeze: per response type, the probability mass that moved onto each position's argmax token
          (summed over the response, predicted and actual) and the mean entropy change: squeezing
          shows as mass onto argmax tokens with falling entropy.
@@ -18,6 +18,9 @@ from matplotlib.figure import Figure
 
 PARTS = (("predicted_from_chosen", "from chosen (G⁺)", "tab:green"),
          ("predicted_from_rejected", "from rejected (G⁻)", "tab:red"),
+         ("predicted_from_positive", "from completions with A > 0", "tab:green"),
+         ("predicted_from_negative", "from completions with A < 0", "tab:red"),
+         ("predicted_from_kl", "from the KL term", "tab:purple"),
          ("predicted_from_state", "from optimizer state", "tab:gray"),
          ("actual", "actual", "black"))
 
@@ -33,8 +36,8 @@ def changes_figure(changes) -> Figure:
     scatter.set(xlabel="predicted Δ log π(y)  (first order)", ylabel="actual Δ log π(y)",
                 title="predicted vs actual, per probe response")
     scatter.legend(fontsize=7)
-    means = changes.groupby("response_type", sort=False)[[p for p, _, _ in PARTS]].mean()
-    parts = [p for p in PARTS if p[0] == "actual" or means[p[0]].abs().max() > 0]
+    means = changes.groupby("response_type", sort=False)[[p for p, _, _ in PARTS if p in changes]].mean()
+    parts = [p for p in PARTS if p[0] == "actual" or (p[0] in means and means[p[0]].abs().max() > 0)]
     x, width = np.arange(len(means)), 0.8 / len(parts)
     for i, (col, label, color) in enumerate(parts):
         bars.bar(x + (i - (len(parts) - 1) / 2) * width, means[col], width, label=label, color=color)

@@ -27,6 +27,7 @@ GROUPS: dict[str, list[tuple[str, str, str]]] = {
     "other responses": _logp("other_train", "other_test", "fluent_random", "base_sample"),
     "shuffled": _logp("shuffled_chosen", "shuffled_other"),
     "argmax / greedy": [("chosen", "argmax_logp", "argmax of chosen (y*)"), ("greedy", "logp_sum", "greedy")],
+    "own samples at the start (RL)": _logp("sample_rewarded", "sample_unrewarded"),
 }
 STYLES = ("-", "--", ":", "-.")
 # Types re-made at the start of every run (each run decodes its own greedy response): their change is

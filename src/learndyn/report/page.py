@@ -77,7 +77,8 @@ def _signatures(signatures: list[dict[str, Any]]) -> str:
     rows = []
     for sig in signatures:
         mark, cls = MARKS[sig["verdict"]]
-        numbers = [estimate_text(e) for e in sig["estimates"]] + [explained_text(s) for s in sig.get("explained_steps", [])]
+        numbers = ([estimate_text(e) for e in sig["estimates"]] + [explained_text(s) for s in sig.get("explained_steps", [])]
+                   + ([f"reading: {sig['reading']}"] if sig.get("reading") else []))
         rows.append([cell(sig["name"]), cell(mark, cls), cell("; ".join(numbers)), cell(sig["description"])])
     return html_table(["signature", "verdict", "effect [interval], claim", "what the paper predicts"], rows)
 

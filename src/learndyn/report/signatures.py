@@ -49,7 +49,7 @@ class Estimate:
     """One claimed quantity: its effect (mean over examples), bootstrap interval and claimed side."""
 
     quantity: str
-    sign: int  # +1: claimed above `null`, -1: claimed below
+    sign: int  # +1: claimed above `null`, -1: claimed below, 0: no claim (a number reported with its interval)
     effect: float
     low: float
     high: float
@@ -59,6 +59,8 @@ class Estimate:
 
     @property
     def verdict(self) -> str:
+        if self.sign == 0:
+            return NOT_APPLICABLE
         if not (math.isfinite(self.low) and math.isfinite(self.high)):
             return INCONCLUSIVE
         above, below = self.low > self.null, self.high < self.null
@@ -67,7 +69,8 @@ class Estimate:
         return INCONCLUSIVE
 
     def as_dict(self) -> dict[str, Any]:
-        claim = f"{'>' if self.sign > 0 else '<'} {self.null:g}" + ("" if self.required else " (reported only)")
+        claim = ("reported only" if self.sign == 0 else
+                 f"{'>' if self.sign > 0 else '<'} {self.null:g}" + ("" if self.required else " (reported only)"))
         return {"quantity": self.quantity, "claim": claim, "effect": _clean(self.effect), "low": _clean(self.low),
                 "high": _clean(self.high), "level": round(self.level, 6), "verdict": self.verdict}
 
@@ -284,12 +287,25 @@ ON_POLICY_DESCRIPTION = ("On-policy negatives squeeze less: during DPO the on-po
 
 
 def evaluate(arms: list[Arm]) -> list[dict[str, Any]]:
-    """Every signature for every arm, then the baseline-vs-extended and on-policy comparisons."""
+    """Every signature for every arm (an arm with a GRPO phase adds the RL ones of rl_signatures.py
+    and keeps only the SFT/DPO ones of the phases it has), then the baseline-vs-extended comparison
+    (unless every arm is RL without DPO) and the on-policy one."""
+    from learndyn.report import rl_signatures
+
     results = []
     for arm in arms:
-        for name, (description, check) in PER_ARM.items():
-            results.append(_result(f"{name} [{arm.label}]", arm.label, description, check(arm)))
-    results.append(_result(EXTENDED_LESS, None, EXTENDED_DESCRIPTION, _extended_lowers_less(arms)))
+        rl = arm.phase("grpo") is not None
+        checks = {n: c for n, c in PER_ARM.items() if not rl or arm.phase(n.split("_")[0]) is not None}
+        checks |= rl_signatures.CHECKS if rl else {}
+        mine = [_result(f"{name} [{arm.label}]", arm.label, description, check(arm))
+                for name, (description, check) in checks.items()]
+        reading = rl_signatures.lazy_displacement(mine) if rl else None
+        for result in mine:
+            if reading and result["name"].startswith("grpo_raises_correct"):
+                result["reading"] = reading
+        results += mine
+    if not all(arm.phase("grpo") is not None and arm.phase("dpo") is None for arm in arms):
+        results.append(_result(EXTENDED_LESS, None, EXTENDED_DESCRIPTION, _extended_lowers_less(arms)))
     if any(arm.on_policy for arm in arms):
         results.append(_result(ON_POLICY_LESS, None, ON_POLICY_DESCRIPTION, _on_policy_squeezes_less(arms)))
     return results

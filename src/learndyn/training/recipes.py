@@ -1,4 +1,5 @@
-"""Tracked finetuning on TRL: SFT (optionally "extended" to rejected responses) and DPO with its variants.
+"""Tracked finetuning on TRL: SFT (optionally "extended" to rejected responses), DPO with its variants,
+and GRPO (RL with a verifiable reward, grpo.py).
 
 A recipe turns `TrainSettings` into a run folder (see runs.py): it loads the starting model (a model
 name, or the final checkpoint of an earlier run for SFT -> DPO chains), builds the TRL dataset,
@@ -8,6 +9,8 @@ model, and a run started `--from` a LoRA run trains a fresh adapter on the earli
 its base (so DPO's reference, the policy with its adapter disabled, is exactly the SFT model).
 DPO is off-policy (the data's chosen/rejected pairs) unless `on_policy`: then every step samples two
 responses per prompt from the current policy and a judge or reward function ranks them (online.py).
+GRPO samples `num_generations` completions per prompt each step and trains on their group-relative
+rewards; there is no reference model unless `beta` > 0 (the KL penalty, TRL's default 0).
 """
 
 from __future__ import annotations
@@ -31,26 +34,28 @@ from learndyn.training.runs import check_run_folder, final_checkpoint, is_run, r
 
 log = logging.getLogger(__name__)
 
-# TRL 1.x DPOConfig.loss_type values (single losses).
-PHASES = ("sft", "dpo")
+PHASES = ("sft", "dpo", "grpo")
 
 
 @dataclass
 class TrainSettings:
     """Everything that defines a tracked run; saved as RUN/config.yaml."""
 
-    phase: str = setting(help="sft or dpo")
+    phase: str = setting(help="sft, dpo or grpo")
     data: str = setting(help="Training preference data (see `probes build --data`)")
     probes: str = setting(help="Probe file to track")
     out: str = setting(help="Run folder")
     model: str = setting(BUILTIN_MODEL, "Starting model, unless --from is given", shown="the built-in one")
     from_run: str | None = setting(None, "Start from this run's final checkpoint")
     extend: bool = setting(False, "Also train on rejected responses (the paper's dataset extension)")
-    loss: str = setting("sigmoid", "TRL loss type", shown="sigmoid, i.e. DPO")
-    beta: float = setting(0.1, "DPO beta")
-    learning_rate: float | None = setting(None, "Learning rate", shown="2e-5 SFT, 5e-6 DPO; with --lora 2e-4 SFT, 5e-5 DPO")
+    loss: str | None = setting(None, "TRL loss type", shown="sigmoid (DPO) for dpo, dapo (TRL's default) for grpo")
+    beta: float | None = setting(None, "DPO beta; for GRPO the KL penalty's weight (0: no reference model)",
+                                 shown="0.1 DPO, 0 GRPO")
+    learning_rate: float | None = setting(None, "Learning rate", shown="2e-5 SFT, 5e-6 DPO, 1e-6 GRPO; with --lora "
+                                                                   "2e-4 SFT, 5e-5 DPO, 1e-5 GRPO")
     epochs: float = setting(2.0, "Passes over the data")
-    batch_size: int = setting(8, "Examples per optimizer step (per device)")
+    batch_size: int = setting(8, "Examples per optimizer step (per device; GRPO counts sampled completions, "
+                                 "a multiple of --num-generations)")
     grad_accum: int = setting(1, "Gradient accumulation steps")
     max_length: int = setting(512, "Tokens per training sequence and probe; a longer prompt keeps its last tokens")
     every: int = setting(2, "Score probes every N optimizer steps")
@@ -62,17 +67,21 @@ class TrainSettings:
     save_model: bool = setting(True, "Keep the final model in RUN/checkpoints/final")
     on_policy: bool = setting(False, "Each step, sample two responses per prompt from the current model and train "
                                      "on them, ranked", shown="off-policy, the data's pairs")
+    num_generations: int = setting(4, "Completions sampled per prompt and step (GRPO's group size)")
+    scale_rewards: str = setting("group", "GRPO's advantage scaling: group (divide by the group's reward std), "
+                                          "batch, or none (Dr. GRPO)")
     judge: str = setting("local", "Ranks the two samples (--on-policy): local, local:MODEL, openai:MODEL or "
                                   "reward:MODEL")
-    reward: str | None = setting(None, "A reward ranking the samples instead of the judge: arithmetic, reward:MODEL "
+    reward: str | None = setting(None, "The reward (GRPO), or a reward ranking on-policy DPO's samples instead of "
+                                       "the judge: arithmetic, reward:MODEL "
                                        "(a sequence-classification reward model) or MODULE:FUNCTION (TRL's reward "
                                        "signature; imports Python code, the current folder is searched)")
     judge_base_url: str | None = setting(None, "Endpoint of an openai judge (--on-policy)",
                                          shown=DEFAULT_BASE_URL)
     judge_api_key_env: str | None = setting(None, "NAME of the environment variable holding an openai judge's API "
                                                   "key (only the name is saved)", shown=DEFAULT_API_KEY_ENV)
-    max_new_tokens: int = setting(64, "Longest sampled response, in tokens (--on-policy)")
-    temperature: float = setting(1.0, "Sampling temperature (--on-policy)")
+    max_new_tokens: int = setting(64, "Longest sampled response, in tokens (GRPO, --on-policy)")
+    temperature: float = setting(1.0, "Sampling temperature (GRPO, --on-policy)")
     lora: bool = setting(False, "Train a LoRA adapter (peft) and save only it, or all weights", shown="--full")
     lora_r: int = setting(16, "LoRA rank")
     lora_alpha: int = setting(32, "LoRA alpha; the adapter's update is scaled by alpha/r")
@@ -83,15 +92,20 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
             raise LearndynError(f"unknown phase '{self.phase}'; valid: {', '.join(PHASES)}")
-        self.loss = get_loss(self.loss, pairwise=True).name  # TRL's name ("dpo" reads as "sigmoid")
+        grpo = self.phase == "grpo"
+        if self.loss is None:
+            self.loss = "dapo" if grpo else "sigmoid"
+        # TRL's name ("dpo" reads as "sigmoid"); an SFT run keeps the DPO default it never uses
+        loss = get_loss(self.loss, policy_gradient=True) if grpo else get_loss(self.loss, pairwise=True)
+        self.loss = loss.name
+        if self.beta is None:
+            self.beta = loss.default_beta
         if self.learning_rate is None:
             # A LoRA update moves a rank-r product of small matrices, whose effect per step is far smaller
             # than a full-weight step at the same lr: LoRA needs ~10-100x the full-finetuning lr (2e-4 is
-            # the usual LoRA SFT value), and DPO keeps its ~4-10x smaller step than SFT.
-            if self.lora:
-                self.learning_rate = 2e-4 if self.phase == "sft" else 5e-5
-            else:
-                self.learning_rate = 2e-5 if self.phase == "sft" else 5e-6
+            # the usual LoRA SFT value), DPO keeps its ~4-10x smaller step than SFT, and GRPO TRL's 1e-6.
+            full, lora = {"sft": (2e-5, 2e-4), "dpo": (5e-6, 5e-5), "grpo": (1e-6, 1e-5)}[self.phase]
+            self.learning_rate = lora if self.lora else full
         for name in ("batch_size", "grad_accum", "every"):
             if getattr(self, name) < 1:
                 raise LearndynError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -103,7 +117,32 @@ class TrainSettings:
             if not (value > 0 and math.isfinite(value)):
                 raise LearndynError(f"{name} must be a positive finite number, got {value}")
         self._check_on_policy()
+        self._check_grpo()
         self._check_lora()
+
+    def _check_grpo(self) -> None:
+        if self.phase != "grpo":
+            return
+        if self.reward is None:
+            from learndyn.rewards import FORMS
+
+            raise LearndynError(f"GRPO needs a reward: --reward {FORMS}")
+        if self.on_policy or self.extend:
+            raise LearndynError("--on-policy and --extend do not apply to GRPO (it always samples from the policy)")
+        if self.num_generations < 2:
+            raise LearndynError(f"num_generations must be at least 2 (advantages compare a prompt's samples), "
+                                f"got {self.num_generations}")
+        if (self.batch_size * self.grad_accum) % self.num_generations:
+            raise LearndynError(f"GRPO's batch is counted in completions: batch_size x grad_accum "
+                                f"({self.batch_size} x {self.grad_accum}) must be a multiple of num_generations "
+                                f"({self.num_generations})")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise LearndynError(f"scale_rewards must be group, batch or none, got '{self.scale_rewards}'")
+        if self.beta < 0 or self.max_new_tokens < 1 or not self.temperature > 0:
+            raise LearndynError("GRPO needs beta >= 0, max_new_tokens >= 1 and a positive temperature")
+        from learndyn.rewards import load_reward
+
+        load_reward(self.reward, device=self.device)  # a bad spec fails before the run folder is touched
 
     def _check_lora(self) -> None:
         if self.lora_r < 1 or not self.lora_alpha > 0:
@@ -117,7 +156,7 @@ class TrainSettings:
     def _check_on_policy(self) -> None:
         """Fail on creation, before a run folder is touched: a bad reward module or judge spec would
         otherwise surface only after the model has loaded."""
-        if self.reward is not None and not self.on_policy:
+        if self.reward is not None and not self.on_policy and self.phase != "grpo":
             raise LearndynError(f"--reward {self.reward}: a reward function ranks on-policy samples; add --on-policy")
         given = [flag for flag, value in (("--base-url", self.judge_base_url), ("--api-key-env", self.judge_api_key_env))
                  if value is not None]
@@ -211,6 +250,8 @@ def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = Fa
                             f"metrics up to then are kept in {run / 'metrics'}")
     if settings.save_model:
         save_checkpoint(trainer.model, tokenizer, run / "checkpoints" / "final", base=start if settings.lora else None)
+    if settings.phase == "grpo":
+        trainer.reward_log.check_learned()
     return run
 
 
@@ -310,6 +351,8 @@ def load_trainable(name: str, device: str | None) -> tuple[Any, Any]:
 
 def _training_args(config_cls: type, settings: TrainSettings, run: Path, model: Any, **extra: Any) -> Any:
     on_cpu = model.device.type == "cpu"
+    if "max_length" in {f.name for f in fields(config_cls)}:  # GRPO's config has none: it samples to a length
+        extra = {"max_length": settings.max_length, **extra}
     return config_cls(
         output_dir=str(run / "checkpoints"),
         learning_rate=settings.learning_rate,
@@ -317,7 +360,6 @@ def _training_args(config_cls: type, settings: TrainSettings, run: Path, model: 
         per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
         lr_scheduler_type="constant",  # the paper's dynamics are read at a fixed step size
-        max_length=settings.max_length,
         logging_steps=1,
         save_strategy="no",
         report_to=settings.report_to or "none",
@@ -388,7 +430,7 @@ def build_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: li
                   peft_config: Any = None) -> Any:
     """The TRL trainer `train` runs for these settings (SFTTrainer, DPOTrainer or OnlineDPOTrainer),
     not yet started and without the callback: for benchmarks and for code that drives it itself."""
-    kind = "sft" if settings.phase == "sft" else "online-dpo" if settings.on_policy else "dpo"
+    kind = "online-dpo" if settings.on_policy else settings.phase
     return _TRAINERS[kind](settings, model, tokenizer, prefs, Path(run), peft_config)
 
 
@@ -463,4 +505,12 @@ def read_yaml(path: str | Path, what: str = "settings file") -> dict[str, Any]:
     return values
 
 
-_TRAINERS = {"sft": _sft_trainer, "dpo": _dpo_trainer, "online-dpo": _online_dpo_trainer}
+def _grpo_trainer(settings: TrainSettings, model: Any, tokenizer: Any, prefs: list, run: Path,
+                  peft_config: Any = None) -> Any:
+    from learndyn.training.grpo import grpo_trainer
+
+    return grpo_trainer(settings, model, tokenizer, prefs, run, peft_config,
+                        lambda cls, **extra: _training_args(cls, settings, run, model, **extra))
+
+
+_TRAINERS = {"sft": _sft_trainer, "dpo": _dpo_trainer, "online-dpo": _online_dpo_trainer, "grpo": _grpo_trainer}

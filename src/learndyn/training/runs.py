@@ -3,6 +3,7 @@
     RUN/config.yaml            the fully resolved settings (written once, atomically)
     RUN/inputs.yaml            paths and content hashes of the input files (see inputs.py)
     RUN/metrics/*.parquet      long-format probe scores, one shard per evaluation, written atomically
+    RUN/rewards/*.parquet      GRPO only: every sampled completion's reward (see grpo.py)
     RUN/checkpoints/final/     the model the run ended with (a model folder, or a LoRA adapter folder
                                with learndyn_base.json naming its base); `final_checkpoint`
     RUN/figures/, RUN/report.html, RUN/signatures.json   written by `learndyn report`
@@ -23,11 +24,11 @@ from learndyn.errors import LearndynError
 
 # Columns of a metrics shard, before the scorer's metric columns (see learndyn.scoring.METRICS).
 KEY_COLUMNS = ("phase", "step", "epoch", "example_id", "response_type")
-PHASES = ("sft", "dpo")
+PHASES = ("sft", "dpo", "grpo")
 
 
 # What a run writes (and --overwrite removes); anything else in the folder is the user's and stays.
-RUN_OUTPUTS = ("metrics", "checkpoints", "figures", "report.html", "signatures.json", "inputs.yaml")
+RUN_OUTPUTS = ("metrics", "rewards", "checkpoints", "figures", "report.html", "signatures.json", "inputs.yaml")
 
 
 def check_run_folder(run: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
@@ -149,6 +150,23 @@ def read_metrics(run: str | Path) -> Any:
     order = {p: i for i, p in enumerate(PHASES)}
     return frame.sort_values(["phase", "step"], key=lambda col: col.map(order) if col.name == "phase" else col,
                              kind="stable").reset_index(drop=True)
+
+
+def reward_shards(run: str | Path) -> list[Path]:
+    """A GRPO run's reward shards (RUN/rewards/, see training/grpo.py), in step order."""
+    return sorted((Path(run) / "rewards").glob("*.parquet"))
+
+
+def read_rewards(run: str | Path) -> Any:
+    """Every sampled completion's reward in a GRPO run (columns step, example_id, generation, reward,
+    completion_tokens), or None when the run kept none."""
+    import pandas as pd
+
+    shards = reward_shards(run)
+    if not shards:
+        return None
+    frame = pd.concat([pd.read_parquet(s) for s in shards], ignore_index=True)
+    return frame.drop_duplicates(["step", "example_id", "generation"], keep="last").reset_index(drop=True)
 
 
 def done_steps(run: str | Path, phase: str) -> set[int]:
