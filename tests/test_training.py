@@ -78,6 +78,10 @@ def test_callback_in_dpo_trainer(tiny_llama, probes, tmp_path):
     mean = metrics.groupby(["response_type", "step"])["logp_sum"].mean()
     margin = mean["chosen"] - mean["rejected"]
     assert margin[4] > margin[0]  # DPO widens the chosen-rejected margin of trained pairs
+    # the trainer's own record of every step is kept, with DPO's metrics in it, not in ours
+    own = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in own] == [1, 2, 3, 4] and all("rewards/margins" in h for h in own)
+    assert not any("rewards/margins" in h for h in trainer.state.log_history if "probes/chosen/logp_sum" in h)
 
 
 def test_extend_trains_on_two_rows_per_example():

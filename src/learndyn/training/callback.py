@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from learndyn.distributed import check_sharding, is_zero3, rank_and_world
 from learndyn.errors import LearndynError
@@ -109,9 +109,20 @@ class LearningDynamicsCallback(TrainerCallback):
         means = frame.groupby("response_type", sort=False)["logp_sum"].mean()
         logs = {f"probes/{name}/logp_sum": float(v) for name, v in means.items()}
         if self.trainer is not None:
-            self.trainer.log(logs)  # reaches report_to integrations and state.log_history
+            _log_through(self.trainer, logs)
         else:
             state.log_history.append({**logs, "epoch": float(state.epoch or 0.0), "step": step})
+
+
+def _log_through(trainer: Any, logs: dict[str, float]) -> None:
+    """`logs` to state.log_history and the report_to integrations, leaving the trainer's own logging
+    as it was. The base `Trainer.log`, because TRL's trainers override `log` to flush the metrics they
+    gather for their own next record (DPO's rewards/*, GRPO's reward and entropy), which would land
+    in ours; and `should_log` is restored, because logging resets it, which would drop the trainer's
+    own record of this step (its loss)."""
+    should_log = trainer.control.should_log
+    Trainer.log(trainer, logs)
+    trainer.control.should_log = should_log
 
 
 def _from_main_process(compute):
