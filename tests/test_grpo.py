@@ -17,9 +17,10 @@ from learndyn.training.runs import read_config, read_metrics
 CALLS: list[dict] = []
 
 
-def odd_length(prompts, completions, example_id, trainer_state, **kwargs):
+def odd_length(prompts, completions, example_id, trainer_state=None, **kwargs):
     """A reward with variance on a random model's samples: 1 for a completion of odd length."""
-    CALLS.append({"example_id": list(example_id), "step": trainer_state.global_step, "n": len(completions)})
+    if trainer_state is not None:  # a call from GRPO, not from the probe builder
+        CALLS.append({"example_id": list(example_id), "step": trainer_state.global_step, "n": len(completions)})
     return [float(len(c[0]["content"]) % 2) for c in completions]
 
 
@@ -121,6 +122,10 @@ def test_the_callback_in_your_own_grpo_trainer(tiny_llama, probes, tmp_path):  #
     trainer.train()
     frame = pd.read_parquet(tmp_path / "mine" / "metrics")
     assert set(frame["phase"]) == {"grpo"} and sorted(frame["step"].unique()) == [0, 1, 2]
+    trl_records = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(trl_records) == 2 and all("reward" in r and "entropy" in r for r in trl_records)
+    ours = [r for r in trainer.state.log_history if "probes/chosen/logp_sum" in r]
+    assert len(ours) == 3 and not any("reward" in r for r in ours)  # TRL's metrics stay in TRL's records
     kept = read_rewards(tmp_path / "mine")
     assert sorted(kept["step"].unique()) == [1, 2] and set(kept["example_id"]) == {"q0", "q1", "q2", "q3"}
 
@@ -146,3 +151,30 @@ def test_train_grpo_command_then_report(tmp_path, tiny_folder):
     signatures = {s["name"].split(" [")[0]: s for s in __import__("json").loads((run / "signatures.json").read_text())}
     squeezing = signatures["grpo_squeezing"]["estimates"]
     assert squeezing and squeezing[0]["quantity"] == "chosen argmax_logp change, prompts never trained"
+
+
+def test_grpo_with_lora_saves_only_the_adapter(settings):
+    run = train(TrainSettings(**{**settings, "lora": True, "lora_targets": "q_proj,v_proj", "epochs": 1}))
+    final = run / "checkpoints" / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "config.json").is_file()
+    assert len(read_rewards(run)) == 8
+
+
+def test_the_rl_demo_recipe_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):
+    import learndyn.arithmetic
+    from learndyn.experiments.rl_demo import RLDemoSettings, run_rl_demo
+
+    monkeypatch.setattr(learndyn.arithmetic, "reward", odd_length)  # a random model never does sums
+    from learndyn.probes.files import read_probes
+    from learndyn.report import evaluate_signatures
+
+    settings = RLDemoSettings(out=str(tmp_path / "demo"), model=str(tiny_folder), probes=4, untrained=2, prompts=2,
+                              sft_epochs=1.0, epochs=1.0, num_generations=2, batch_size=4, max_new_tokens=4, every=1)
+    runs = run_rl_demo(settings)
+    assert [r.name for r in runs] == ["sft", "grpo"]
+    assert read_config(runs[1])["from"] == str(runs[0]) and read_config(runs[1])["data"] == "arithmetic[2:4]"
+    assert [p.example_id for p in read_probes(tmp_path / "demo" / "probes.jsonl")] == [
+        f"arith-0-{i:05d}" for i in range(4)]
+    assert set(read_rewards(runs[1])["example_id"]) == {"arith-0-00002", "arith-0-00003"}  # 0, 1 never trained
+    names = {s["name"].split(" [")[0] for s in evaluate_signatures(runs)}
+    assert {"sft_raises_chosen", "grpo_reward_rises", "grpo_squeezing"} <= names and "dpo_lowers_rejected" not in names

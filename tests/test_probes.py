@@ -161,6 +161,15 @@ def test_shuffle_words_of_a_single_word_is_that_word():
     assert shuffle_words("Hello", random.Random(0)) == "Hello"
 
 
+def test_one_word_answers_get_no_shuffled_probe_that_would_repeat_them():
+    prefs = [Preference(f"q{i}", f"What is {i} + 1?", str(i + 1), str(i + 3)) for i in range(4)]
+    probes = build_probes(prefs + make_prefs(2))
+    for probe in probes[:4]:
+        assert "shuffled_chosen" not in probe.responses  # "5" shuffled is "5"
+    assert all("shuffled_chosen" in p.responses for p in probes[4:])
+    assert all(p.responses.get("shuffled_other") != p.responses["other_train"] for p in probes)
+
+
 def test_same_seed_gives_identical_rows_and_other_seed_other_rows():
     prefs, held = make_prefs(), make_prefs(4, tag="t")
     first = rows(build_probes(prefs, held_out=held, seed=7))

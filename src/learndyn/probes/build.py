@@ -154,13 +154,21 @@ def _cheap_probe(
         rng = random.Random(f"{seed}/{pref.example_id}/fluent_random")
         responses.setdefault("fluent_random", _fluent_text(lender["fluent_random"], len(pref.chosen.split()), rng))
         rng = random.Random(f"{seed}/{pref.example_id}/shuffled_other")
-        responses.setdefault("shuffled_other", shuffle_words(lender["shuffled_other"].chosen, rng))
+        _set_shuffled(responses, "shuffled_other", lender["shuffled_other"].chosen, rng)
     if held_out:
         order = random.Random(f"{seed}/other_test").sample(range(len(held_out)), len(held_out))
         responses.setdefault("other_test", held_out[order[index % len(held_out)]].chosen)
     rng = random.Random(f"{seed}/{pref.example_id}/shuffled_chosen")
-    responses.setdefault("shuffled_chosen", shuffle_words(pref.chosen, rng))
+    _set_shuffled(responses, "shuffled_chosen", pref.chosen, rng)
     return Probe(pref.example_id, pref.prompt, responses)
+
+
+def _set_shuffled(responses: dict[str, str], name: str, text: str, rng: random.Random) -> None:
+    """A shuffled probe, unless one was given or no order differs (a one-word answer such as "42"
+    would only repeat the response it shuffles)."""
+    shuffled = shuffle_words(text, rng)
+    if shuffled != text:
+        responses.setdefault(name, shuffled)
 
 
 def _fluent_text(source: Preference, target_words: int, rng: random.Random) -> str:
