@@ -59,7 +59,9 @@ def test_reward_rising_while_correct_responses_fall_reads_as_lazy_likelihood_dis
     falling = {**GRPO, "chosen": [-9, -11, -13], "sample_rewarded": [-12, -13, -15]}
     results = evaluate([grpo_arm(tmp_path, falling)])
     correct = next(r for r in results if r["name"].startswith("grpo_raises_correct"))
-    assert correct["verdict"] == NOT_HELD and correct["reading"].startswith("lazy likelihood displacement")
+    assert correct["verdict"] == NOT_HELD and correct["reading"] == (
+        "lazy likelihood displacement: the reward rose while log π of correct responses did not (chosen not held, "
+        "sample_rewarded not held)")
 
 
 def test_flat_rewards_are_not_a_rise(tmp_path):

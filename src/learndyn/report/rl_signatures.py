@@ -173,10 +173,12 @@ CHECKS: dict[str, tuple[str, Check]] = {
 
 
 def lazy_displacement(results: list[dict]) -> str | None:
-    """The reading of a held reward rise beside a correct-response claim that did not hold."""
-    verdicts = {r["name"].split(" [")[0]: r["verdict"] for r in results}
-    if verdicts.get("grpo_reward_rises") == "held" and verdicts.get("grpo_raises_correct") in ("not held",
-                                                                                               INCONCLUSIVE):
-        return (f"{LAZY}: the reward rose while log π of correct responses did not "
-                f"({verdicts['grpo_raises_correct']})")
-    return None
+    """The reading of a held reward rise beside correct responses whose log π did not rise, naming them."""
+    by_name = {r["name"].split(" [")[0]: r for r in results}
+    rise, correct = by_name.get("grpo_reward_rises"), by_name.get("grpo_raises_correct")
+    if rise is None or correct is None or rise["verdict"] != "held" or correct["verdict"] not in ("not held",
+                                                                                              INCONCLUSIVE):
+        return None
+    lagging = [f"{e['quantity'].removesuffix(' change')} {e['verdict']}" for e in correct["estimates"]
+               if e["verdict"] != "held"]
+    return f"{LAZY}: the reward rose while log π of correct responses did not ({', '.join(lagging)})"
