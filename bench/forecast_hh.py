@@ -183,9 +183,11 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
         drops[f"random (seed {seed})"] = random.Random(seed).sample([p.example_id for p in pairs], count)
     for name, dropped in drops.items():
         kept = [p for p in pairs if p.example_id not in set(dropped)]
-        data = args.out / f"kept-{name.split()[0]}-{len(dropped)}.jsonl"
+        slug = name.replace(" ", "_").replace("(", "").replace(")", "")
+        # one data and probe file per arm: a resumed arm is checked against the content it was trained on
+        data = args.out / f"kept-{slug}-{len(dropped)}.jsonl"
         write_pairs(kept, data)
-        probes = args.out / "probes-kept.jsonl"
+        probes = args.out / f"probes-kept-{slug}.jsonl"
         chosen_probes(kept, probes)
         change = dpo_changes(data, probes, args.out / f"dpo-without-{name.replace(' ', '_')}", len(kept), args.lr, seed=0,
                              resume=args.resume)
