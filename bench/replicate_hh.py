@@ -3,8 +3,9 @@
     python bench/replicate_hh.py [--examples 64] [--probes 16] [--out bench-runs/hh]
     python bench/replicate_hh.py --long [--sft-from bench-runs/hh/sft]   # DPO until chosen falls
 
-`--long` runs DPO for LONG_DPO_EPOCHS epochs (the paper's rise-then-fall of chosen needs more than the
-demo's budget); `--sft-from` reuses a finished SFT run instead of training one.
+`--long` runs DPO for LONG_DPO_EPOCHS epochs at LONG_DPO_LR unless --dpo-lr is given (the paper's
+rise-then-fall of chosen needs more than the demo's budget: on the example data chosen peaked after 16
+steps at 5e-5 and not within 16 at 2e-5); `--sft-from` reuses a finished SFT run instead of training one.
 
 Trains on the first N prompts of ../shared/data/hh_helpful_probes/train.jsonl (HH transcripts; the
 authors' probe columns are ignored by training), tracks all twelve response types of the first P of
@@ -24,6 +25,7 @@ from learndyn.training.runs import read_metrics
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_helpful_probes" / "train.jsonl"
 LONG_DPO_EPOCHS = 8.0
+LONG_DPO_LR = 5e-5
 
 
 def main() -> None:
@@ -35,9 +37,10 @@ def main() -> None:
     parser.add_argument("--sft-epochs", type=float, default=2.0)
     parser.add_argument("--dpo-epochs", type=float, default=2.0)
     parser.add_argument("--sft-lr", type=float, default=5e-5)
-    parser.add_argument("--dpo-lr", type=float, default=2e-5)
+    parser.add_argument("--dpo-lr", type=float, help="default 2e-5; with --long, LONG_DPO_LR")
     parser.add_argument("--every", type=int, default=4)
-    parser.add_argument("--long", action="store_true", help=f"DPO for {LONG_DPO_EPOCHS:g} epochs")
+    parser.add_argument("--long", action="store_true",
+                        help=f"DPO for {LONG_DPO_EPOCHS:g} epochs at {LONG_DPO_LR:g} unless --dpo-lr is given")
     parser.add_argument("--sft-from", type=Path, help="a finished SFT run to start DPO from (no SFT is trained)")
     parser.add_argument("--out", type=Path, default=Path("bench-runs/hh"))
     args = parser.parse_args()
@@ -45,6 +48,8 @@ def main() -> None:
         raise SystemExit(f"HH probe file not found: {args.data}")
     if args.long:
         args.dpo_epochs = LONG_DPO_EPOCHS
+    if args.dpo_lr is None:
+        args.dpo_lr = LONG_DPO_LR if args.long else 2e-5
 
     common = dict(data=str(args.data), probes=str(args.data), limit=args.examples, probe_limit=args.probes,
                   every=args.every, batch_size=8, max_length=512)
@@ -54,7 +59,7 @@ def main() -> None:
     dpo = train(TrainSettings(phase="dpo", out=str(args.out / "dpo"), from_run=str(sft), epochs=args.dpo_epochs,
                               learning_rate=args.dpo_lr, **common), overwrite=True)
     page = build_report([sft, dpo], args.out)
-    print(f"SFT -> DPO ({args.dpo_epochs:g} DPO epochs) on {args.examples} HH prompts, {args.probes} tracked, "
+    print(f"SFT -> DPO ({args.dpo_epochs:g} DPO epochs at {args.dpo_lr:g}) on {args.examples} HH prompts, {args.probes} tracked, "
           f"in {time.perf_counter() - start:.0f} s")
     for sig in evaluate_signatures([sft, dpo]):
         print(f"  {sig['name']}: {sig['verdict']}")

@@ -83,6 +83,31 @@ def test_self_predicted_is_the_first_order_change_of_one_sgd_step(tiny64, loss):
         assert abs(row.self_predicted) > 1e-6  # not trivially zero
 
 
+def test_over_a_fresh_lora_adapter_self_predicted_is_one_sgd_step_of_the_adapter(tiny64):
+    """What `train dpo --lora` moves: a fresh adapter (B = 0), the base weights frozen. The forecast
+    over the peft model must match an SGD step of the adapter alone; over all weights it would not."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny64
+    torch.manual_seed(3)
+    adapted = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")).eval()
+    trainable = [p for p in adapted.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float64 for p in trainable)
+    lr, beta, pref = 1e-3, 0.1, PAIRS[0]
+    row = forecast_pairs(adapted, tokenizer, [pref], beta=beta, lr=lr).pairs.iloc[0]
+    full = forecast_pairs(model, tokenizer, [pref], beta=beta, lr=lr).pairs.iloc[0]
+
+    ref = [chosen_logp(adapted, tokenizer, pref, side).detach() for side in (0, 1)]
+    plus, minus = (chosen_logp(adapted, tokenizer, pref, side) for side in (0, 1))
+    value = -torch.nn.functional.logsigmoid(beta * ((plus - ref[0]) - (minus - ref[1])))
+    value.backward()
+    torch.optim.SGD(trainable, lr=lr).step()
+    actual = float(chosen_logp(adapted, tokenizer, pref).detach() - ref[0])
+    assert row.logp_chosen == pytest.approx(full.logp_chosen, rel=1e-9)  # B = 0: the adapter changes nothing yet
+    assert row.self_predicted == pytest.approx(actual, rel=2e-2), (row.self_predicted, actual)
+    assert abs(row.self_predicted - full.self_predicted) > 0.1 * abs(full.self_predicted)  # another step
+
+
 def test_cross_predicted_is_the_sum_of_the_exact_per_pair_kernels(tiny64):
     """Two routes: the second pass dots u_i with the summed gradient G; the exact map stores every u_i
     and g_j. Row sums of the map must equal cross_predicted, its diagonal self_predicted."""
@@ -163,6 +188,28 @@ def test_forecast_command_writes_the_folder_and_drops_the_most_displacing_pairs(
                           "--drop-top takes a percentage")
     assert_one_error_line(learndyn("forecast", "--data", "example", "--loss", "sft", "--out", str(out)),
                           "pairwise loss")
+
+
+def test_forecast_lora_takes_gradients_over_a_fresh_adapter(tmp_path, tiny_folder):
+    import json
+
+    from test_cli import learndyn
+
+    out = tmp_path / "fc"
+    result = learndyn("forecast", "--data", "example", "--limit", "3", "--model", str(tiny_folder), "--lora",
+                      "--lora-r", "2", "--lora-targets", "q_proj,v_proj", "--lr", "1e-4", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    hidden, layers = 32, 2  # the tiny Llama: q and v are 32 -> 32; each adapter holds r·(in + out)
+    assert summary["parameters"] == layers * 2 * 2 * (hidden + hidden)
+    assert summary["settings"]["lora"] is True and summary["settings"]["lora_r"] == 2
+    assert f"over the {summary['parameters']:,} parameters of a fresh LoRA adapter" in result.stdout
+    assert pd.read_parquet(out / "forecast.parquet")["self_predicted"].abs().min() > 0
+    bad = learndyn("forecast", "--data", "example", "--limit", "3", "--model", str(tiny_folder), "--lora",
+                   "--lora-targets", "nope", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr  # after transformers' weight-loading bar:
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --lora-targets nope:") and "linear modules here" in last, last
 
 
 @pytest.mark.parametrize("where", ["pass_1", "pass_2"])

@@ -20,6 +20,7 @@ from trl import SFTConfig, SFTTrainer
 from learndyn.data import Preference, load_preferences
 from learndyn.dynamics.step import explain_step, predict_naive
 from learndyn.dynamics.updates import OptimizerRule
+from learndyn.atomic import write_jsonl
 from learndyn.errors import LearndynError
 from learndyn.models import BASE_RECORD, adapter_base, load_model, record_base, resolve_model
 from learndyn.probes.build import build_probes
@@ -313,9 +314,20 @@ def test_compare_passes_lora_to_every_arm_with_lora_learning_rates(tmp_path, mon
     trained = []
     monkeypatch.setattr(compare, "_build_probes", lambda settings, path: None)
     monkeypatch.setattr(compare, "train_once", lambda settings, resume: (trained.append(settings) or settings.out, True))
-    settings = compare.compare_settings(True, data="example", eval_data="example:test", out=str(tmp_path), lora=True)
+    forecasts = []
+
+    def forecast(settings, folder, overwrite):  # the filtered arm's forecast, over what its DPO moves
+        forecasts.append(settings)
+        write_jsonl(Path(folder) / "filtered.jsonl", [vars(p) for p in load_preferences("example", limit=6)])
+        (Path(folder) / "summary.json").write_text("{}")
+        return {"dropped": ["x", "y"], "pairs": 8}
+
+    monkeypatch.setattr("learndyn.experiments.forecast.run_forecast", forecast)
+    settings = compare.compare_settings(True, data="example", eval_data="example:test", out=str(tmp_path), lora=True,
+                                        filter_top=25.0, examples=8)
     compare.train_arms(settings)
-    assert len(trained) == 4 and all(s.lora for s in trained)
+    assert len(trained) == 5 and all(s.lora for s in trained)
+    assert len(forecasts) == 1 and forecasts[0].lora and forecasts[0].lr == 2e-4
     assert {s.phase: s.learning_rate for s in trained} == {"sft": 5e-4, "dpo": 2e-4}
     given = compare.compare_settings(False, data="d", eval_data="e", lora=True, sft_lr=1e-3)
     assert (given.sft_lr, given.dpo_lr) == (1e-3, 2e-4)

@@ -541,6 +541,8 @@ def forecast(
     max_length: Annotated[Optional[int], typer.Option(help=_forecast_help("max_length"))] = None,
     limit: Annotated[Optional[int], typer.Option(help=_forecast_help("limit"))] = None,
     seed: Annotated[Optional[int], typer.Option(help=_forecast_help("seed"))] = None,
+    lora: Annotated[Optional[bool], typer.Option("--lora", help=_forecast_help("lora"))] = None,
+    lora_r: LoraROpt = None, lora_alpha: LoraAlphaOpt = None, lora_targets: LoraTargetsOpt = None,
     device: DeviceOpt = None,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted forecast in --out (same settings and data).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the forecast in --out.")] = False,
@@ -551,7 +553,8 @@ def forecast(
 
     given = dict(model=model, loss=loss, beta=beta, lr=lr, cross=cross, projection_dim=projection_dim, top=top,
                  drop_top=_percent(drop_top, "--drop-top"), max_length=_positive(max_length, "--max-length"),
-                 limit=_positive(limit, "--limit"), seed=seed, device=device)
+                 limit=_positive(limit, "--limit"), seed=seed, device=device, lora=lora, lora_r=lora_r,
+                 lora_alpha=lora_alpha, lora_targets=lora_targets)
     settings = ForecastSettings(data=data, **{k: v for k, v in given.items() if v is not None})
     check_writable(out_dir)
     try:
@@ -563,7 +566,9 @@ def forecast(
                           "to continue") from None
     score = summary["ranking_score"]
     negative = summary.get("cross_predicted_negative", summary["self_predicted_negative"])
-    out.print(f"{summary['scored']} of {summary['pairs']} pairs forecast; {negative} are forecast to lower their own "
+    over = f"the {summary['parameters']:,} parameters of a fresh LoRA adapter" if settings.lora else \
+        f"{summary['parameters']:,} trainable parameters"
+    out.print(f"{summary['scored']} of {summary['pairs']} pairs forecast over {over}; {negative} are forecast to lower their own "
               f"chosen response ({score} < 0)")
     if summary.get("projection_rank_agreement") is not None:
         out.print(f"  displacement map: {summary['projection_dim']}-dim sketch, row sums vs exact cross_predicted: "

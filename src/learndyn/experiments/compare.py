@@ -226,7 +226,7 @@ def _filtered_dpo(settings: CompareSettings, dpo: Any, *, resume: bool, console:
         forecast = ForecastSettings(data=settings.data, model=str(Path(settings.out) / "baseline" / "sft"),
                                     beta=settings.beta, lr=settings.dpo_lr, cross=True, drop_top=settings.filter_top,
                                     max_length=settings.max_length, limit=settings.examples, seed=settings.seed,
-                                    device=settings.device)
+                                    device=settings.device, lora=settings.lora)
         summary = run_forecast(forecast, folder, overwrite=True)
         console.print(f"  forecast: dropped {len(summary['dropped'])} of {summary['pairs']} pairs ({', '.join(summary['dropped'])})")
     given = len(load_preferences(settings.data, limit=settings.examples))

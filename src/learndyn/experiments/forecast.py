@@ -11,11 +11,16 @@ Loads the model and DATA, runs `dynamics.forecast.forecast_pairs` and writes, ea
 
 The ranking score is `cross_predicted` with --cross, else `self_predicted`: the first-order change of
 log π(y⁺); the most negative displace the most.
+
+With `lora` the forecast is of `train dpo --lora`: that run moves a fresh adapter (B = 0, A random)
+on the model's merged weights, so the gradients are taken over that adapter's parameters alone. At
+B = 0 only ∇B is non-zero, ∇B = s·∇W·Aᵀ (s = alpha/r), and the kernel s²·tr(U AᵀA Gᵀ) is, in
+expectation over A, proportional to the full-weight kernel of the targeted layers.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +29,12 @@ from learndyn.errors import LearndynError
 from learndyn.losses import get_loss
 from learndyn.models import BUILTIN_MODEL
 from learndyn.settings import setting
+from learndyn.training.recipes import TrainSettings
 
 __all__ = ["ForecastSettings", "run_forecast", "check_folder", "drop_top", "ranking_score"]
+
+
+_TRAIN = {f.name: f for f in fields(TrainSettings)}  # the LoRA settings `train` takes, with its defaults
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,12 @@ class ForecastSettings:
     max_length: int | None = setting(None, "The training run's max_length: pairs are cut as `train` cuts them",
                                      shown="no cut within the model's context")
     limit: int | None = setting(None, "Forecast the first N pairs only", shown="all")
-    seed: int = setting(0, "Seed of the sketch")
+    seed: int = setting(0, "Seed of the sketch (and of the fresh adapter with --lora)")
+    lora: bool = setting(False, "Forecast a `train dpo --lora` run: gradients over a fresh LoRA adapter on the "
+                                "model's merged weights, the parameters that run moves")
+    lora_r: int = setting(_TRAIN["lora_r"].default, _TRAIN["lora_r"].metadata["help"])
+    lora_alpha: int = setting(_TRAIN["lora_alpha"].default, _TRAIN["lora_alpha"].metadata["help"])
+    lora_targets: str = setting(_TRAIN["lora_targets"].default, _TRAIN["lora_targets"].metadata["help"])
     device: str | None = setting(None, "cpu, cuda, cuda:1, ...", shown="GPU if present")
 
     def __post_init__(self) -> None:
@@ -55,6 +69,9 @@ class ForecastSettings:
             raise LearndynError(f"drop_top is a percentage between 0 and 100, got {self.drop_top}")
         if not self.lr > 0 or self.projection_dim < 1 or self.top < 1:
             raise LearndynError("lr must be positive, projection_dim and top at least 1")
+        if self.lora and (self.lora_r < 1 or not self.lora_alpha > 0):
+            raise LearndynError(f"lora_r must be at least 1 and lora_alpha positive, got {self.lora_r} and "
+                                f"{self.lora_alpha}")
 
 
 def ranking_score(frame: Any) -> str:
@@ -92,13 +109,12 @@ def run_forecast(settings: ForecastSettings, out: str | Path, progress: bool = T
     from learndyn.data import load_preferences
     from learndyn.dynamics.forecast import forecast_pairs
     from learndyn.memory import reporting_oom
-    from learndyn.models import load_model
     from learndyn.report.forecast_page import render
 
     out = Path(out)
     check_folder(out, resume, overwrite)
     pairs = load_preferences(settings.data, limit=settings.limit)
-    model, tokenizer = load_model(settings.model, device=settings.device, dtype="float32", adapter="train")
+    model, tokenizer = _starting_model(settings)
     checkpoint = out / CHECKPOINT
     if overwrite:
         checkpoint.unlink(missing_ok=True)
@@ -108,7 +124,8 @@ def run_forecast(settings: ForecastSettings, out: str | Path, progress: bool = T
                                 cross=settings.cross, projection_dim=settings.projection_dim, top=settings.top,
                                 max_length=settings.max_length, seed=settings.seed, progress=progress,
                                 checkpoint=checkpoint)
-    frame, summary = result.pairs, {"settings": asdict(settings), **result.summary}
+    frame, summary = result.pairs, {"settings": asdict(settings), **result.summary,
+                                    "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     with atomic_path(out / "forecast.parquet") as tmp:
         frame.to_parquet(tmp, index=False)
     if result.kernel is not None:
@@ -124,6 +141,25 @@ def run_forecast(settings: ForecastSettings, out: str | Path, progress: bool = T
     write_bytes(out / "forecast.html", render(frame, result.kernel, pairs, summary).encode("utf-8"))
     checkpoint.unlink(missing_ok=True)
     return summary
+
+
+def _starting_model(settings: ForecastSettings) -> tuple[Any, Any]:
+    """The model whose trainable parameters the step moves: a LoRA model's own adapter (continued
+    training), or with `lora` a fresh adapter seeded by `seed` on the merged weights, as `train --lora`
+    builds it (the trainer draws A from its own random state: the kernel's expectation over A, not its
+    draw, is what the two share)."""
+    import torch
+    from peft import get_peft_model
+
+    from learndyn.models import load_model
+    from learndyn.training.recipes import lora_config
+
+    if not settings.lora:
+        return load_model(settings.model, device=settings.device, dtype="float32", adapter="train")
+    model, tokenizer = load_model(settings.model, device=settings.device, dtype="float32")
+    config = lora_config(settings, model)
+    torch.manual_seed(settings.seed)
+    return get_peft_model(model, config), tokenizer
 
 
 def _row(pref: Any) -> dict[str, Any]:

@@ -304,13 +304,15 @@ def save_checkpoint(model: Any, tokenizer: Any, path: Path, *, base: str | Path 
             record_base(tmp, base)
 
 
-def lora_config(settings: TrainSettings, model: Any) -> Any:
-    """The peft `LoraConfig` of `settings`, checked against `model`: targets that match no module
+def lora_config(settings: Any, model: Any) -> Any:
+    """The peft `LoraConfig` of `settings` (TrainSettings, or any settings with its lora_r, lora_alpha,
+    lora_targets and optionally lora_dropout), checked against `model`: targets that match no module
     fail here, in one line, before the run folder is touched (peft would fail inside the trainer)."""
     from peft import LoraConfig
 
     targets = settings.lora_targets.strip()
-    config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+    config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                        lora_dropout=getattr(settings, "lora_dropout", 0.0),
                         target_modules=targets if targets == "all-linear" else
                         [t.strip() for t in targets.split(",") if t.strip()],
                         bias="none", task_type="CAUSAL_LM")
