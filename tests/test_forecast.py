@@ -129,6 +129,21 @@ def test_the_sketch_agrees_with_exact_inner_products(tiny64):
     assert sketched.summary["projection_rank_agreement"] > 0.9
 
 
+def test_the_map_is_the_same_in_tiles_with_unscored_pairs_left_nan():
+    from learndyn.dynamics.forecast import _kernel
+
+    gen = torch.Generator().manual_seed(0)
+    chosen = [torch.randn(64, generator=gen) for _ in range(7)]
+    steps = [torch.randn(64, generator=gen) for _ in range(7)]
+    chosen[3] = steps[3] = None  # a pair that was not scored
+    tiled = _kernel(chosen, steps, lr=0.5, exact=False, block=2)
+    live = [i for i in range(7) if i != 3]
+    expected = -0.5 * torch.stack([chosen[i] for i in live]).double() @ torch.stack([steps[j] for j in live]).double().T
+    np.testing.assert_allclose(tiled[np.ix_(live, live)], expected.numpy(), rtol=1e-12)
+    assert np.isnan(tiled[3]).all() and np.isnan(tiled[:, 3]).all()
+    np.testing.assert_allclose(tiled, _kernel(chosen, steps, lr=0.5, exact=False), rtol=1e-12)  # NaN == NaN
+
+
 def test_count_sketch_is_unbiased_and_seeded():
     shapes = [torch.Size([300, 20]), torch.Size([50])]
     gen = torch.Generator().manual_seed(1)

@@ -315,8 +315,12 @@ def _dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> float:
     return float(sum(torch.sum(x * y, dtype=torch.float64) for x, y in zip(xs, ys)))
 
 
-def _kernel(chosen: list, steps: list, lr: float, exact: bool) -> np.ndarray:
-    """c_ij = −lr ⟨u_i, g_j⟩ from sketches (or exact vectors); NaN where a pair was not scored."""
+def _kernel(chosen: list, steps: list, lr: float, exact: bool, block: int = 1024) -> np.ndarray:
+    """c_ij = −lr ⟨u_i, g_j⟩ from sketches (or exact vectors); NaN where a pair was not scored.
+
+    Sketches are multiplied in float64, `block` × `block` tiles at a time: beside the float32 store
+    and the N × N result, a tile pair (2 × 1024 × k doubles, 0.5 GB at k = 32768) is all it holds,
+    where stacking the whole store in float64 would take 4× the store."""
     n = len(chosen)
     kernel = np.full((n, n), np.nan)
     live = [i for i in range(n) if chosen[i] is not None]
@@ -327,9 +331,12 @@ def _kernel(chosen: list, steps: list, lr: float, exact: bool) -> np.ndarray:
             for j in live:
                 kernel[i, j] = -lr * _dot(chosen[i], steps[j])
         return kernel
-    u = torch.stack([chosen[i] for i in live]).double()
-    g = torch.stack([steps[j] for j in live]).double()
-    kernel[np.ix_(live, live)] = -lr * (u @ g.T).numpy()
+    tiles = [live[start:start + block] for start in range(0, len(live), block)]
+    for rows in tiles:
+        u = torch.stack([chosen[i] for i in rows]).double()
+        for cols in tiles:
+            g = torch.stack([steps[j] for j in cols]).double()
+            kernel[np.ix_(rows, cols)] = -lr * (u @ g.T).numpy()
     return kernel
 
 
