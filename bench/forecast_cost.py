@@ -12,7 +12,7 @@ The forecast's cost has two parts (learndyn.dynamics.forecast):
 size, each N in a fresh process, and prints its time, the store's size and the process's peak memory
 above the store. `--pairs N` forecasts the first N HH pairs with `--cross` on the built-in model and
 prints each part per pair; with --checkpoint an interrupted run continues (its timings then cover the
-resumed part only, per pair of that part).
+resumed part only and are not divided per pair).
 """
 
 from __future__ import annotations
@@ -70,17 +70,22 @@ def pass_costs(data: Path, n: int, dim: int, checkpoint: Path | None) -> None:
 
     pairs = load_preferences(str(data), limit=n)
     model, tokenizer = load_model("smollm2-135m-instruct", dtype="float32")
+    resumed = checkpoint is not None and checkpoint.exists()
     start = time.perf_counter()
     result = forecast_pairs(model, tokenizer, pairs, lr=5e-6, cross=True, projection_dim=dim, max_length=512,
                             progress=True, checkpoint=checkpoint)
     wall = time.perf_counter() - start
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # finished: a rerun measures afresh
     t = result.summary["timings"]
     print(f"forecast --cross of {len(pairs)} HH pairs on the built-in model (max_length 512, {dim} buckets) in "
           f"{wall:.0f} s:")
+    if resumed:
+        print("  (resumed from the checkpoint: the times cover this run's part only, so none is given per pair)")
     for part, text in (("pass_1", "pass 1 (self_predicted, CHES)"), ("sketch", "sketching"),
                        ("pass_2", "pass 2 (exact cross_predicted)")):
-        print(f"  {text}: {t[part]:.0f} s, {t[part] / len(pairs):.2f} s per pair")
-    print(f"  N x N map: {t['kernel']:.3f} s; projected store {result.summary['projected_store_bytes'] / 2**20:.0f} MiB")
+        print(f"  {text}: {t[part]:.0f} s" + ("" if resumed else f", {t[part] / len(pairs):.2f} s per pair"))
+    print(f"  N x N map: {t['kernel']:.3f} s; projected store {result.summary['projected_store_bytes'] / 2**20:.1f} MiB")
 
 
 def main() -> None:
