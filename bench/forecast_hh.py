@@ -35,6 +35,7 @@ from learndyn.dynamics.forecast import CountSketch, forecast_pairs
 from learndyn.dynamics.sequences import encode_update
 from learndyn.dynamics.step import rank_correlation
 from learndyn.probes.files import Probe, write_probes
+from learndyn.report.signatures import bootstrap
 from learndyn.experiments.compare import train_once
 from learndyn.training.recipes import TrainSettings
 from learndyn.training.runs import read_metrics
@@ -176,24 +177,19 @@ def main() -> None:
         filter_experiment(args, pairs, both)
 
 
-def mean_interval(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    rng = np.random.default_rng(seed)
-    draws = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(resamples)]
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return float(values.mean()), float(low), float(high)
-
-
 def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
     """DPO without the top 10% by each score (and a random 10%, three seeds): mean change of chosen kept.
 
     The mean over the kept pairs alone favours any score that names pairs whose chosen falls, whether
     or not dropping them helps the rest (the fallers are simply not counted). So each arm is also
     compared, pair by pair, with the full run on the same kept pairs: the mean of (change without the
-    dropped pairs − change with them), with a bootstrap interval over the kept pairs."""
+    dropped pairs − change with them), with the signatures' bootstrap interval over the kept pairs."""
     count = max(1, round(0.1 * len(pairs)))
     drops = {score: list(both.sort_values(score, ascending=sign < 0).index[:count]) for score, sign in SCORES.items()}
+    labels = {score: f"the top {count} by {score}" for score in drops}
     for seed in range(3):
         drops[f"random (seed {seed})"] = random.Random(seed).sample([p.example_id for p in pairs], count)
+        labels[f"random (seed {seed})"] = f"a random {count} (seed {seed})"
     for name, dropped in drops.items():
         kept = [p for p in pairs if p.example_id not in set(dropped)]
         slug = name.replace(" ", "_").replace("(", "").replace(")", "")
@@ -204,11 +200,10 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
         chosen_probes(kept, probes)
         change = dpo_changes(data, probes, args.out / f"dpo-without-{name.replace(' ', '_')}", len(kept), args.lr, seed=0,
                              resume=args.resume)
-        effect = mean_interval((change - both["actual"].reindex(change.index)).dropna().to_numpy())
-        what = f"a random {count} ({name[len('random ('):-1]})" if name.startswith("random") else f"the top {count} by {name}"
-        print(f"  without {what}: mean change of chosen on the {len(kept)} kept {change.mean():+.2f} "
-              f"({int((change < 0).sum())} fell); against the full run on the same pairs {effect[0]:+.2f} "
-              f"[{effect[1]:+.2f}, {effect[2]:+.2f}]")
+        (effect,), (low,), (high,) = bootstrap((change - both["actual"].reindex(change.index)).to_frame())
+        print(f"  without {labels[name]}: mean change of chosen on the {len(kept)} kept {change.mean():+.2f} "
+              f"({int((change < 0).sum())} fell); against the full run on the same pairs {effect:+.2f} "
+              f"[{low:+.2f}, {high:+.2f}]")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--sft-epochs", type=float, default=2.0)
     parser.add_argument("--dpo-epochs", type=float, default=2.0)
     parser.add_argument("--sft-lr", type=float, default=5e-5)
-    parser.add_argument("--dpo-lr", type=float, help="default 2e-5; with --long, LONG_DPO_LR")
+    parser.add_argument("--dpo-lr", type=float, help=f"default 2e-5; {LONG_DPO_LR:g} with --long")
     parser.add_argument("--every", type=int, default=4)
     parser.add_argument("--long", action="store_true",
                         help=f"DPO for {LONG_DPO_EPOCHS:g} epochs at {LONG_DPO_LR:g} unless --dpo-lr is given")

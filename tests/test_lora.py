@@ -17,10 +17,10 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from trl import SFTConfig, SFTTrainer
 
+from learndyn.atomic import write_jsonl
 from learndyn.data import Preference, load_preferences
 from learndyn.dynamics.step import explain_step, predict_naive
 from learndyn.dynamics.updates import OptimizerRule
-from learndyn.atomic import write_jsonl
 from learndyn.errors import LearndynError
 from learndyn.models import BASE_RECORD, adapter_base, load_model, record_base, resolve_model
 from learndyn.probes.build import build_probes
