@@ -112,7 +112,8 @@ def test_resume_reuses_finished_parts_and_redoes_what_a_changed_setting_touches(
     assert all(len(read_verdicts(r["verdicts"])) == 2 for r in fewer["win_rates"])
 
 
-def test_resume_retrains_a_finished_run_whose_data_file_changed(tiny_folder, tmp_path):
+def test_resume_retrains_a_finished_run_whose_data_file_changed(tiny_folder, tmp_path, caplog):
+    """A run that keeps no model (save_model off) is reused too: its finished.yaml says it ended."""
     import learndyn.data
     from learndyn.experiments.compare import train_once
     from learndyn.probes.build import build_probes
@@ -124,11 +125,13 @@ def test_resume_retrains_a_finished_run_whose_data_file_changed(tiny_folder, tmp
     write_probes(build_probes(learndyn.data.load_preferences("example", limit=2)), tmp_path / "p.jsonl")
     settings = TrainSettings(phase="sft", data=str(data), probes=str(tmp_path / "p.jsonl"), model=str(tiny_folder),
                              out=str(tmp_path / "cmp" / "baseline" / "sft"), limit=4, batch_size=4, epochs=1, every=1,
-                             max_length=128)
+                             max_length=128, save_model=False)
     run, trained = train_once(settings, resume=False)
-    assert trained and train_once(settings, resume=True) == (run, False)
+    assert trained and not (run / "checkpoints" / "final").exists()
+    assert train_once(settings, resume=True) == (run, False)
     data.write_bytes(data.read_bytes().replace(b"four quarts", b"five quarts", 1))  # an edited training pair
     assert train_once(settings, resume=True) == (run, True)
+    assert f"{run}: training it again (data: content of {str(data)!r} differs (same path" in caplog.text
 
 
 def test_bad_held_out_data_fails_before_any_training(tiny_folder, tmp_path):

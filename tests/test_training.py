@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
@@ -108,6 +110,13 @@ def test_recipe_chain_sft_then_dpo(tiny_folder, probes, tmp_path):
                                    end_of_sft["logp_sum"].reset_index(drop=True), rtol=1e-5)
 
 
+def interrupt(run: Path) -> None:
+    """Make a finished run look like one a crash stopped: its last evaluation never landed, nor did its end."""
+    sorted((run / "metrics").glob("*.parquet"))[-1].unlink()
+    (run / "finished.yaml").unlink()
+    shutil.rmtree(run / "checkpoints" / "final", ignore_errors=True)
+
+
 def test_resume_after_a_crash_between_shards(tiny_folder, probes, tmp_path):
     write_probes(probes, tmp_path / "p.jsonl")
     settings = TrainSettings(phase="sft", data="example", probes=str(tmp_path / "p.jsonl"), out=str(tmp_path / "run"),
@@ -116,7 +125,7 @@ def test_resume_after_a_crash_between_shards(tiny_folder, probes, tmp_path):
     run = train(settings)
     shards = sorted((run / "metrics").glob("*.parquet"))
     complete = read_metrics(run)
-    shards[-1].unlink()  # the crash: the last evaluation never landed
+    interrupt(run)
     kept = {s: s.stat().st_mtime_ns for s in shards[:-1]}
     with pytest.raises(LearndynError, match="--resume"):
         train(settings)
@@ -184,7 +193,7 @@ def test_resume_refuses_edited_input_files_and_names_what_differs(tiny_folder, p
     settings = tiny_run(tiny_folder, probes, tmp_path)
     run = train(settings)
     shards = sorted((run / "metrics").glob("*.parquet"))
-    shards[-1].unlink()
+    interrupt(run)
     probe_file, data_file = Path(settings.probes), Path(settings.data)
     original = {path: path.read_bytes() for path in (probe_file, data_file)}
     probe_file.write_bytes(original[probe_file].replace(b"water", b"milk", 1))
@@ -216,7 +225,7 @@ def test_resume_accepts_the_same_run_however_its_paths_are_spelled(tiny_folder, 
     elsewhere.mkdir()
     for spelled in (dict(out="./run/"), dict(out=str(run), probes=str(tmp_path / "p.jsonl")),
                     dict(out="../run", probes="../p.jsonl", data="../d.jsonl")):
-        shards[-1].unlink()
+        interrupt(run)
         monkeypatch.chdir(elsewhere if spelled["out"] == "../run" else tmp_path)
         train(TrainSettings(**{**settings.__dict__, **spelled}), resume=True)
         pd.testing.assert_frame_equal(read_metrics(run), complete, rtol=1e-5)
@@ -229,7 +238,7 @@ def test_resume_refuses_a_from_run_that_was_overwritten(tiny_folder, probes, tmp
                            "learning_rate": None})
     run = train(dpo)
     shards = sorted((run / "metrics").glob("*.parquet"))
-    shards[-1].unlink()
+    interrupt(run)
     train(TrainSettings(**{**sft.__dict__, "learning_rate": 5e-3}), overwrite=True)  # other weights, same path
     with pytest.raises(LearndynError, match=r"from: content of .*sft' differs \(same path"):
         train(dpo, resume=True)
@@ -370,3 +379,25 @@ def test_a_run_is_finished_with_its_final_model_or_adapter(tmp_path):
     assert not is_finished(run)
     with pytest.raises(LearndynError, match="no such run folder"):
         final_checkpoint(tmp_path / "missing")
+
+
+def test_a_run_that_keeps_no_model_is_finished_and_resuming_it_trains_nothing(tiny_folder, probes, tmp_path,
+                                                                             monkeypatch, caplog):
+    from learndyn.training import recipes
+    from learndyn.training.runs import is_finished
+
+    write_probes(probes, tmp_path / "p.jsonl")
+    settings = TrainSettings(phase="sft", out=str(tmp_path / "run"), model=str(tiny_folder), data="example", limit=4,
+                             probes=str(tmp_path / "p.jsonl"), batch_size=2, epochs=1, every=1, save_model=False)
+    run = train(settings)
+    assert is_finished(run) and not (run / "checkpoints" / "final").exists()
+    assert yaml.safe_load((run / "finished.yaml").read_text()) == {"step": 2}
+    shards = {p: p.stat().st_mtime_ns for p in (run / "metrics").iterdir()}
+    monkeypatch.setattr(recipes, "build_trainer", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert train(settings, resume=True) == run
+    assert f"{run} finished already; nothing to resume" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in (run / "metrics").iterdir()} == shards
+    (run / "finished.yaml").unlink()  # as if interrupted before its end: not finished, so trained on
+    assert not is_finished(run)
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        train(settings, resume=True)

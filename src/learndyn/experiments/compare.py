@@ -22,6 +22,7 @@ verdict; anything downstream of a retrained run is redone.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -33,6 +34,8 @@ from learndyn.atomic import atomic_path, write_json
 from learndyn.errors import LearndynError
 from learndyn.models import BUILTIN_MODEL
 from learndyn.settings import setting
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CompareSettings", "Checkpoint", "PAIRS", "compare_settings", "run_compare", "train_arms"]
 
@@ -251,13 +254,17 @@ def _build_probes(settings: CompareSettings, path: Path) -> None:
 
 def train_once(settings: Any, *, resume: bool) -> tuple[Path, bool]:
     """Train unless `resume` finds this run finished with these settings and inputs (the content of
-    the data file and of the run it starts from); (run, trained now?)."""
+    the data file and of the run it starts from); (run, trained now?). Says why a run it finds is
+    trained again."""
     from learndyn.training.recipes import resume_differences, train
-    from learndyn.training.runs import is_finished
+    from learndyn.training.runs import is_finished, is_run
 
     run = Path(settings.out)
-    if resume and is_finished(run) and not resume_differences(settings, run):
-        return run, False
+    if resume and is_run(run):
+        differ = resume_differences(settings, run)
+        if not differ and is_finished(run):
+            return run, False
+        log.warning(f"{run}: training it again ({'; '.join(differ) if differ else 'it did not finish'})")
     return train(settings, overwrite=True), True
 
 

@@ -30,7 +30,8 @@ from learndyn.models import BUILTIN_MODEL
 from learndyn.openai_chat import DEFAULT_API_KEY_ENV, DEFAULT_BASE_URL
 from learndyn.settings import setting
 from learndyn.training.inputs import data_identity, differences, identity, read_inputs
-from learndyn.training.runs import check_run_folder, final_checkpoint, is_run, read_config, start_run
+from learndyn.training.runs import (check_run_folder, final_checkpoint, is_finished, is_run, mark_finished, read_config,
+                                    start_run)
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,9 @@ def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = Fa
         if differ:
             raise LearndynError(f"{run} was made with other settings; --resume needs the same ones (or use "
                                 f"--overwrite): {'; '.join(differ)}")
+        if is_finished(run):
+            log.warning(f"{run} finished already; nothing to resume")
+            return run
     model, tokenizer = load_trainable(start, settings.device)  # a wrong --model fails before anything is removed
     peft_config = lora_config(settings, model) if settings.lora else None  # so does a --lora-targets matching nothing
     if not settings.lora:  # gradients and AdamW moments of every weight; a LoRA adapter's are small
@@ -250,6 +254,7 @@ def train(settings: TrainSettings, *, resume: bool = False, overwrite: bool = Fa
                             f"metrics up to then are kept in {run / 'metrics'}")
     if settings.save_model:
         save_checkpoint(trainer.model, tokenizer, run / "checkpoints" / "final", base=start if settings.lora else None)
+    mark_finished(run, trainer.state.global_step)
     if settings.phase == "grpo":
         trainer.reward_log.check_learned()
     return run

@@ -6,6 +6,7 @@
     RUN/rewards/*.parquet      GRPO only: every sampled completion's reward (see grpo.py)
     RUN/checkpoints/final/     the model the run ended with (a model folder, or a LoRA adapter folder
                                with learndyn_base.json naming its base); `final_checkpoint`
+    RUN/finished.yaml          written last, when training ended (its last step): `is_finished`
     RUN/figures/, RUN/report.html, RUN/signatures.json   written by `learndyn report`
 
 A metrics row is one (phase, step, example_id, response_type) with every scorer metric, so that
@@ -28,7 +29,8 @@ PHASES = ("sft", "dpo", "grpo")
 
 
 # What a run writes (and --overwrite removes); anything else in the folder is the user's and stays.
-RUN_OUTPUTS = ("metrics", "rewards", "checkpoints", "figures", "report.html", "signatures.json", "inputs.yaml")
+RUN_OUTPUTS = ("finished.yaml", "metrics", "rewards", "checkpoints", "figures", "report.html", "signatures.json",
+               "inputs.yaml")
 
 
 def check_run_folder(run: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
@@ -62,11 +64,25 @@ def final_checkpoint(run: str | Path) -> Path:
 
 
 def is_finished(run: str | Path) -> bool:
-    """A run that wrote its settings and its final model (full weights or an adapter)."""
+    """A run whose training ended: it wrote finished.yaml, or (made before that file existed) its
+    final model. A run that keeps no model (save_model off) is finished too, so --resume reuses it."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        return False
+    if (run / "finished.yaml").is_file():
+        return True
     try:
-        return (Path(run) / "config.yaml").is_file() and final_checkpoint(run).is_dir()
+        return final_checkpoint(run).is_dir()
     except LearndynError:
         return False
+
+
+def mark_finished(run: str | Path, step: int) -> None:
+    """Record, last of all and atomically, that training ended at `step`."""
+    import yaml
+
+    with atomic_path(Path(run) / "finished.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump({"step": int(step)}), encoding="utf-8")
 
 
 def is_run(run: str | Path) -> bool:
