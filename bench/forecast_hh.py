@@ -117,11 +117,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=HH,
                         help="HH probe file (default: ../shared/data/hh_helpful_probes/train.jsonl)")
-    parser.add_argument("--pairs", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=5e-6)
-    parser.add_argument("--projection-dim", type=int, default=32768)
-    parser.add_argument("--exact-subset", type=int, default=6)
-    parser.add_argument("--filter", action="store_true")
+    parser.add_argument("--pairs", type=int, default=128, help="the first N pairs of --data (default 128)")
+    parser.add_argument("--lr", type=float, default=5e-6,
+                        help="learning rate of the forecast (an SGD step) and of every DPO epoch (AdamW; default 5e-6)")
+    parser.add_argument("--projection-dim", type=int, default=32768, help="sketch buckets (default 32768)")
+    parser.add_argument("--exact-subset", type=int, default=6,
+                        help="check the sketch against exact inner products on the first N pairs (about 1 GB of "
+                             "memory a pair; 0 skips it; default 6)")
+    parser.add_argument("--filter", action="store_true",
+                        help="also DPO without the top 10%% by each score and without a random 10%% (three seeds): "
+                             "seven more epochs")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--out", type=Path, default=Path("bench-runs/forecast"))
     args = parser.parse_args()
