@@ -34,9 +34,10 @@ from learndyn.data import load_preferences
 from learndyn.dynamics.forecast import CountSketch, forecast_pairs
 from learndyn.dynamics.sequences import encode_update
 from learndyn.dynamics.step import rank_correlation
+from learndyn.experiments.compare import train_once
+from learndyn.experiments.forecast import drop_top
 from learndyn.probes.files import Probe, write_probes
 from learndyn.report.signatures import bootstrap
-from learndyn.experiments.compare import train_once
 from learndyn.training.recipes import TrainSettings
 from learndyn.training.runs import read_metrics
 
@@ -190,7 +191,8 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
     compared, pair by pair, with the full run on the same kept pairs: the mean of (change without the
     dropped pairs − change with them), with the signatures' bootstrap interval over the kept pairs."""
     count = max(1, round(0.1 * len(pairs)))
-    drops = {score: list(both.sort_values(score, ascending=sign < 0).index[:count]) for score, sign in SCORES.items()}
+    scored = both.rename_axis("example_id").reset_index()
+    drops = {score: drop_top(scored, 100 * count / len(scored), score) for score in SCORES}  # most displacing
     labels = {score: f"the top {count} by {score}" for score in drops}
     for seed in range(3):
         drops[f"random (seed {seed})"] = random.Random(seed).sample([p.example_id for p in pairs], count)
@@ -210,7 +212,8 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
         change = dpo_changes(data, probes, args.out / f"dpo-without-{name.replace(' ', '_')}", len(kept), args.lr, seed=0,
                              resume=args.resume)
         (effect,), (low,), (high,) = bootstrap((change - both["actual"].reindex(change.index)).to_frame())
-        print(f"  without {labels[name]}: mean change of chosen on the {len(kept)} kept {change.mean():+.2f} "
+        print(f"  without {labels[name]} (their chosen changed {both['actual'].reindex(dropped).mean():+.2f} on "
+              f"average in the full run): mean change of chosen on the {len(kept)} kept {change.mean():+.2f} "
               f"({int((change < 0).sum())} fell); against the full run on the same pairs {effect:+.2f} "
               f"[{low:+.2f}, {high:+.2f}]")
 

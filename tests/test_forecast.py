@@ -205,6 +205,19 @@ def test_forecast_command_writes_the_folder_and_drops_the_most_displacing_pairs(
                           "pairwise loss")
 
 
+def test_drop_top_names_the_most_displacing_end_of_each_score():
+    """Predicted changes displace most where lowest, CHES where highest; unscored pairs are never named."""
+    from learndyn.experiments.forecast import drop_top
+
+    frame = pd.DataFrame({"example_id": list("abcde"), "ches": [5.0, -1.0, 9.0, np.nan, 0.0],
+                          "self_predicted": [0.3, -2.0, 1.0, np.nan, -0.5],
+                          "cross_predicted": [-4.0, 2.0, 0.0, np.nan, 1.0]})
+    assert drop_top(frame, 40) == ["a", "c"]  # the ranking score: cross_predicted, lowest first
+    assert drop_top(frame, 40, "self_predicted") == ["b", "e"]
+    assert drop_top(frame, 40, "ches") == ["c", "a"]
+    assert drop_top(frame.drop(columns="cross_predicted"), 10) == ["b"]  # at least one, by self_predicted
+
+
 def test_forecast_lora_takes_gradients_over_a_fresh_adapter(tmp_path, tiny_folder):
     import json
 

@@ -78,11 +78,16 @@ def ranking_score(frame: Any) -> str:
     return "cross_predicted" if "cross_predicted" in frame.columns else "self_predicted"
 
 
-def drop_top(frame: Any, percent: float) -> list[str]:
-    """The example_ids of the `percent` most displacing scored pairs (most negative ranking score),
-    at least one."""
-    score = ranking_score(frame)
-    scored = frame.dropna(subset=[score]).sort_values(score, kind="stable")
+# The scores on which a higher value means more displacement (Razin et al.'s CHES); on the others, the
+# predicted changes of log π(y⁺), a lower value does.
+HIGHER_DISPLACES = frozenset({"ches", "ches_normalized"})
+
+
+def drop_top(frame: Any, percent: float, score: str | None = None) -> list[str]:
+    """The example_ids of the `percent` most displacing scored pairs by `score` (default the ranking
+    score): the lowest predicted change, or the highest CHES; at least one."""
+    score = score or ranking_score(frame)
+    scored = frame.dropna(subset=[score]).sort_values(score, ascending=score not in HIGHER_DISPLACES, kind="stable")
     count = max(1, round(len(scored) * percent / 100))
     return list(scored["example_id"][:count])
 
