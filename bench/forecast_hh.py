@@ -107,9 +107,11 @@ def chosen_probes(pairs, path: Path) -> None:
 def dpo_changes(data: Path, probes: Path, out: Path, n: int, lr: float, seed: int, resume: bool) -> pd.Series:
     """One DPO epoch on `data` (every row), chosen of `probes` tracked at the start and the end."""
     steps = -(-n // 8)
-    run, _ = train_once(TrainSettings(phase="dpo", data=str(data), probes=str(probes), out=str(out), learning_rate=lr,
+    run, trained = train_once(TrainSettings(phase="dpo", data=str(data), probes=str(probes), out=str(out), learning_rate=lr,
                                       epochs=1, batch_size=8, every=steps, max_length=512, seed=seed,
                                       save_model=False), resume=resume)
+    if not trained:
+        print(f"reused the finished run {run}")
     table = read_metrics(run).pivot_table(index="example_id", columns="step", values="logp_sum")
     return table[table.columns[-1]] - table[table.columns[0]]
 
