@@ -35,14 +35,16 @@ from learndyn.dynamics.forecast import CountSketch, forecast_pairs
 from learndyn.dynamics.sequences import encode_update
 from learndyn.dynamics.step import rank_correlation
 from learndyn.experiments.compare import train_once
-from learndyn.experiments.forecast import drop_top
+from learndyn.experiments.forecast import HIGHER_DISPLACES, drop_top
 from learndyn.probes.files import Probe, write_probes
 from learndyn.report.signatures import bootstrap
 from learndyn.training.recipes import TrainSettings
 from learndyn.training.runs import read_metrics
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_helpful_probes" / "train.jsonl"
-SCORES = {"ches": -1, "ches_normalized": -1, "self_predicted": 1, "cross_predicted": 1}  # expected sign of ρ
+# expected sign of ρ with the actual change: a displacing pair has a low predicted change, a high CHES
+SCORES = {score: -1 if score in HIGHER_DISPLACES else 1
+          for score in ("ches", "ches_normalized", "self_predicted", "cross_predicted")}
 
 
 def spearman_interval(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -107,9 +109,9 @@ def chosen_probes(pairs, path: Path) -> None:
 def dpo_changes(data: Path, probes: Path, out: Path, n: int, lr: float, seed: int, resume: bool) -> pd.Series:
     """One DPO epoch on `data` (every row), chosen of `probes` tracked at the start and the end."""
     steps = -(-n // 8)
-    run, trained = train_once(TrainSettings(phase="dpo", data=str(data), probes=str(probes), out=str(out), learning_rate=lr,
-                                      epochs=1, batch_size=8, every=steps, max_length=512, seed=seed,
-                                      save_model=False), resume=resume)
+    settings = TrainSettings(phase="dpo", data=str(data), probes=str(probes), out=str(out), learning_rate=lr, epochs=1,
+                             batch_size=8, every=steps, max_length=512, seed=seed, save_model=False)
+    run, trained = train_once(settings, resume=resume)
     if not trained:
         print(f"reused the finished run {run}")
     table = read_metrics(run).pivot_table(index="example_id", columns="step", values="logp_sum")
@@ -192,10 +194,10 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
     or not dropping them helps the rest (the fallers are simply not counted). So each arm is also
     compared, pair by pair, with the full run on the same kept pairs: the mean of (change without the
     dropped pairs − change with them), with the signatures' bootstrap interval over the kept pairs."""
-    count = max(1, round(0.1 * len(pairs)))
     scored = both.rename_axis("example_id").reset_index()
-    drops = {score: drop_top(scored, 100 * count / len(scored), score) for score in SCORES}  # most displacing
-    labels = {score: f"the top {count} by {score}" for score in drops}
+    drops = {score: drop_top(scored, 10, score) for score in SCORES}  # the most displacing end of each
+    count = len(drops["cross_predicted"])
+    labels = {score: f"the top {len(dropped)} by {score}" for score, dropped in drops.items()}
     for seed in range(3):
         drops[f"random (seed {seed})"] = random.Random(seed).sample([p.example_id for p in pairs], count)
         labels[f"random (seed {seed})"] = f"a random {count} (seed {seed})"
