@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from learndyn import load_model
-from learndyn.atomic import write_jsonl
+from learndyn.atomic import atomic_path, write_jsonl
 from learndyn.data import load_preferences
 from learndyn.dynamics.forecast import CountSketch, forecast_pairs
 from learndyn.dynamics.sequences import encode_update
@@ -97,6 +97,21 @@ def exact_subset_agreement(model, tokenizer, pairs, dim: int, lr: float) -> dict
             "max_relative_error": float(np.abs(approx - exact).max() / np.abs(exact).max())}
 
 
+# the filter arms, those that decide the goal first (each is half an hour here), so that a run cut short says most
+ARMS = ("cross_predicted", "random0", "ches", "self_predicted", "random1", "ches_normalized", "random2",
+        "others_predicted")
+
+
+def others_predicted(kernel: np.ndarray) -> np.ndarray:
+    """Per pair j, Σ_{i≠j} c_ij: the first-order change of the other pairs' chosen log π(y⁺) from a
+    step on j (the map's column sums without the diagonal; NaN for an unscored pair). A filter asks
+    what a pair does to the others, which cross_predicted (a row sum: what all do to i) does not."""
+    off = np.where(np.eye(len(kernel), dtype=bool), 0.0, kernel)
+    sums = np.nansum(off, axis=0)
+    sums[np.isnan(np.diag(kernel))] = np.nan
+    return sums
+
+
 def write_pairs(pairs, path: Path) -> None:
     write_jsonl(path, [{"example_id": p.example_id, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
                        for p in pairs])
@@ -132,9 +147,15 @@ def main() -> None:
     parser.add_argument("--filter", action="store_true",
                         help="also DPO without the top 10%% by each score and without a random 10%% (three seeds): "
                              "seven more epochs")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help="with --filter, the arms to run, in this order (default: all, those that decide the goal "
+                             f"first: {','.join(ARMS)})")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--out", type=Path, default=Path("bench-runs/forecast"))
     args = parser.parse_args()
+    args.arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
+    if unknown := sorted(set(args.arms) - set(ARMS)):
+        parser.error(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {','.join(ARMS)}")
     if not args.data.is_file():
         raise SystemExit(f"HH probe file not found: {args.data}")
     torch.manual_seed(0)
@@ -159,6 +180,9 @@ def main() -> None:
         print(f"  sketch row sums vs exact cross_predicted: rank correlation "
               f"{result.summary['projection_rank_agreement']:.3f}")
         frame = result.pairs
+        frame["others_predicted"] = others_predicted(result.kernel)
+        with atomic_path(args.out / "displacement.npy") as tmp, open(tmp, "wb") as file:
+            np.save(file, result.kernel)
         frame.to_parquet(finished, index=False)
         if args.exact_subset:
             check = exact_subset_agreement(model, tokenizer, pairs[: args.exact_subset], args.projection_dim, args.lr)
@@ -195,16 +219,14 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
     compared, pair by pair, with the full run on the same kept pairs: the mean of (change without the
     dropped pairs − change with them), with the signatures' bootstrap interval over the kept pairs."""
     scored = both.rename_axis("example_id").reset_index()
-    drops = {score: drop_top(scored, 10, score) for score in SCORES}  # the most displacing end of each
+    drops = {score: drop_top(scored, 10, score) for score in (*SCORES, "others_predicted")}  # the most displacing end
     count = len(drops["cross_predicted"])
     labels = {score: f"the top {len(dropped)} by {score}" for score, dropped in drops.items()}
     for seed in range(3):
         drops[f"random (seed {seed})"] = random.Random(seed).sample([p.example_id for p in pairs], count)
         labels[f"random (seed {seed})"] = f"a random {count} (seed {seed})"
-    # the arms that decide the goal first (each is half an hour here), so that a run cut short says most
-    order = ["cross_predicted", "random (seed 0)", "ches", "self_predicted", "random (seed 1)", "ches_normalized",
-             "random (seed 2)"]
-    for name in order:
+    for arm in args.arms:
+        name = arm if arm in drops else f"random (seed {arm.removeprefix('random')})"
         dropped = drops[name]
         kept = [p for p in pairs if p.example_id not in set(dropped)]
         slug = name.replace(" ", "_").replace("(", "").replace(")", "")
