@@ -217,8 +217,25 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
     The mean over the kept pairs alone favours any score that names pairs whose chosen falls, whether
     or not dropping them helps the rest (the fallers are simply not counted). So each arm is also
     compared, pair by pair, with the full run on the same kept pairs: the mean of (change without the
-    dropped pairs − change with them), with the signatures' bootstrap interval over the kept pairs."""
+    dropped pairs − change with them), with the signatures' bootstrap interval over the kept pairs.
+
+    The map forecasts that difference before training: dropping the set D removes Σ_{j∈D} c_ij from
+    kept pair i, so the forecast is the mean over the kept of −Σ_{j∈D} c_ij. c_ij is one SGD step's
+    change; to read it in the DPO run's units it is multiplied by the slope of the actual change
+    regressed on cross_predicted (a calibration on the full run, not a forecast)."""
     scored = both.rename_axis("example_id").reset_index()
+    kernel = np.load(args.out / "displacement.npy")
+    index = {p.example_id: k for k, p in enumerate(pairs)}  # the map's rows and columns
+    fit = both[["cross_predicted", "actual"]].dropna()
+    slope = float(np.polyfit(fit["cross_predicted"], fit["actual"], 1)[0])
+    print(f"filter arms; the map's forecast of each paired difference is in the run's units: times {slope:.1f}, "
+          "the slope of the actual change on cross_predicted")
+
+    def forecast(dropped: list[str]) -> float:
+        columns = [index[e] for e in dropped]
+        rows = [k for k in range(len(pairs)) if k not in set(columns)]
+        return -slope * float(np.nanmean(np.nansum(kernel[np.ix_(rows, columns)], axis=1)))
+
     drops = {score: drop_top(scored, 10, score) for score in (*SCORES, "others_predicted")}  # the most displacing end
     count = len(drops["cross_predicted"])
     labels = {score: f"the top {len(dropped)} by {score}" for score, dropped in drops.items()}
@@ -241,7 +258,7 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
         print(f"  without {labels[name]} (their chosen changed {both['actual'].reindex(dropped).mean():+.2f} on "
               f"average in the full run): mean change of chosen on the {len(kept)} kept {change.mean():+.2f} "
               f"({int((change < 0).sum())} fell); against the full run on the same pairs {effect:+.2f} "
-              f"[{low:+.2f}, {high:+.2f}]")
+              f"[{low:+.2f}, {high:+.2f}], the map forecast {forecast(dropped):+.2f}")
 
 
 if __name__ == "__main__":
