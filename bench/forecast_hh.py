@@ -1,6 +1,6 @@
 """Which forecast ranks likelihood displacement best? CHES against learndyn's first-order forecasts, on HH.
 
-    python bench/forecast_hh.py [--pairs 128] [--lr 5e-6] [--out bench-runs/forecast] [--filter] [--resume]
+    python bench/forecast_hh.py [--pairs 128] [--lr 5e-6] [--out bench-runs/forecast] [--filter [--arms A,B]] [--resume]
 
 Every part keeps its results in --out; with --resume an interrupted run continues: the forecast from
 its checkpoint (or its finished forecast.parquet), each DPO run reused when finished.
@@ -12,9 +12,10 @@ its checkpoint (or its finished forecast.parquet), each DPO run reused when fini
 3. Print Spearman's ρ between the actual change and each score, with a bootstrap interval (pairs
    resampled). CHES is higher for more displacement, so its expected ρ is negative; the predicted
    changes', positive. "agreement" is ρ times the expected sign.
-4. With --filter: DPO again without the top 10% of pairs by each score, and without a random 10%
-   (three seeds); the mean change of chosen on the pairs kept, and against the full run on the same
-   pairs (paired, with a bootstrap interval).
+4. With --filter: DPO again without the top 10% of pairs by each score, by others_predicted (what a
+   pair's step does to the other pairs' chosen) and without a random 10% (three seeds); the mean
+   change of chosen on the pairs kept, against the full run on the same pairs (paired, with a
+   bootstrap interval), and the map's forecast of that paired difference.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def main() -> None:
                              "memory a pair; 0 skips it; default 6)")
     parser.add_argument("--filter", action="store_true",
                         help="also DPO without the top 10%% by each score and without a random 10%% (three seeds): "
-                             "seven more epochs")
+                             "eight more epochs (--arms picks them)")
     parser.add_argument("--arms", default=",".join(ARMS),
                         help="with --filter, the arms to run, in this order (default: all, those that decide the goal "
                              f"first: {','.join(ARMS)})")
@@ -224,6 +225,9 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
     change; to read it in the DPO run's units it is multiplied by the slope of the actual change
     regressed on cross_predicted (a calibration on the full run, not a forecast)."""
     scored = both.rename_axis("example_id").reset_index()
+    if not (args.out / "displacement.npy").is_file() or "others_predicted" not in scored:
+        raise SystemExit(f"{args.out / 'forecast.parquet'} comes from an older forecast_hh without the map "
+                         "(displacement.npy, others_predicted); remove it and forecast again")
     kernel = np.load(args.out / "displacement.npy")
     index = {p.example_id: k for k, p in enumerate(pairs)}  # the map's rows and columns
     fit = both[["cross_predicted", "actual"]].dropna()
@@ -233,7 +237,7 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
 
     def forecast(dropped: list[str]) -> float:
         columns = [index[e] for e in dropped]
-        rows = [k for k in range(len(pairs)) if k not in set(columns)]
+        rows = sorted(set(range(len(pairs))) - set(columns))
         return -slope * float(np.nanmean(np.nansum(kernel[np.ix_(rows, columns)], axis=1)))
 
     drops = {score: drop_top(scored, 10, score) for score in (*SCORES, "others_predicted")}  # the most displacing end
