@@ -68,7 +68,7 @@ def pass_costs(data: Path, n: int, dim: int, checkpoint: Path | None) -> None:
     from learndyn.data import load_preferences
     from learndyn.dynamics.forecast import forecast_pairs
 
-    pairs = load_preferences(str(data), limit=n)
+    pairs = load_preferences(str(data), limit=n, keep_empty=True)  # HH has blank turns: noted, as forecast does
     model, tokenizer = load_model("smollm2-135m-instruct", dtype="float32")
     resumed = checkpoint is not None and checkpoint.exists()
     start = time.perf_counter()
@@ -77,14 +77,14 @@ def pass_costs(data: Path, n: int, dim: int, checkpoint: Path | None) -> None:
     wall = time.perf_counter() - start
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # finished: a rerun measures afresh
-    t = result.summary["timings"]
-    print(f"forecast --cross of {len(pairs)} HH pairs on the built-in model (max_length 512, {dim} buckets) in "
-          f"{wall:.0f} s:")
+    t, scored = result.summary["timings"], result.summary["scored"]
+    print(f"forecast --cross of {len(pairs)} HH pairs ({scored} scored, the rest noted) on the built-in model "
+          f"(max_length 512, {dim} buckets) in {wall:.0f} s:")
     if resumed:
         print("  (resumed from the checkpoint: the times cover this run's part only, so none is given per pair)")
     for part, text in (("pass_1", "pass 1 (self_predicted, CHES)"), ("sketch", "sketching"),
                        ("pass_2", "pass 2 (exact cross_predicted)")):
-        print(f"  {text}: {t[part]:.0f} s" + ("" if resumed else f", {t[part] / len(pairs):.2f} s per pair"))
+        print(f"  {text}: {t[part]:.0f} s" + ("" if resumed else f", {t[part] / scored:.2f} s per scored pair"))
     print(f"  N x N map: {t['kernel']:.3f} s; projected store {result.summary['projected_store_bytes'] / 2**20:.1f} MiB")
 
 

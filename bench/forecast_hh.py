@@ -12,8 +12,8 @@ its checkpoint (or its finished forecast.parquet), each DPO run reused when fini
 3. Print Spearman's ρ between the actual change and each score, with a bootstrap interval (pairs
    resampled). CHES is higher for more displacement, so its expected ρ is negative; the predicted
    changes', positive. "agreement" is ρ times the expected sign.
-4. With --filter: DPO again without the top 10% of pairs by each score, by others_predicted (what a
-   pair's step does to the other pairs' chosen) and without a random 10% (three seeds); the mean
+4. With --filter: DPO again without the top 10% of pairs by each score, by others_projected (what a
+   pair's step does to the other pairs' chosen: the map's column sums) and without a random 10% (three seeds); the mean
    change of chosen on the pairs kept, against the full run on the same pairs (paired, with a
    bootstrap interval), and the map's forecast of that paired difference.
 """
@@ -100,17 +100,7 @@ def exact_subset_agreement(model, tokenizer, pairs, dim: int, lr: float) -> dict
 
 # the filter arms, those that decide the goal first (each is half an hour here), so that a run cut short says most
 ARMS = ("cross_predicted", "random0", "ches", "self_predicted", "random1", "ches_normalized", "random2",
-        "others_predicted")
-
-
-def others_predicted(kernel: np.ndarray) -> np.ndarray:
-    """Per pair j, Σ_{i≠j} c_ij: the first-order change of the other pairs' chosen log π(y⁺) from a
-    step on j (the map's column sums without the diagonal; NaN for an unscored pair). A filter asks
-    what a pair does to the others, which cross_predicted (a row sum: what all do to i) does not."""
-    off = np.where(np.eye(len(kernel), dtype=bool), 0.0, kernel)
-    sums = np.nansum(off, axis=0)
-    sums[np.isnan(np.diag(kernel))] = np.nan
-    return sums
+        "others_projected")
 
 
 def write_pairs(pairs, path: Path) -> None:
@@ -181,7 +171,6 @@ def main() -> None:
         print(f"  sketch row sums vs exact cross_predicted: rank correlation "
               f"{result.summary['projection_rank_agreement']:.3f}")
         frame = result.pairs
-        frame["others_predicted"] = others_predicted(result.kernel)
         with atomic_path(args.out / "displacement.npy") as tmp, open(tmp, "wb") as file:
             np.save(file, result.kernel)
         frame.to_parquet(finished, index=False)
@@ -225,9 +214,9 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
     change; to read it in the DPO run's units it is multiplied by the slope of the actual change
     regressed on cross_predicted (a calibration on the full run, not a forecast)."""
     scored = both.rename_axis("example_id").reset_index()
-    if not (args.out / "displacement.npy").is_file() or "others_predicted" not in scored:
+    if not (args.out / "displacement.npy").is_file() or "others_projected" not in scored:
         raise SystemExit(f"{args.out / 'forecast.parquet'} comes from an older forecast_hh without the map "
-                         "(displacement.npy, others_predicted); remove it and forecast again")
+                         "(displacement.npy, others_projected); remove it and forecast again")
     kernel = np.load(args.out / "displacement.npy")
     index = {p.example_id: k for k, p in enumerate(pairs)}  # the map's rows and columns
     fit = both[["cross_predicted", "actual"]].dropna()
@@ -240,7 +229,7 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
         rows = sorted(set(range(len(pairs))) - set(columns))
         return -slope * float(np.nanmean(np.nansum(kernel[np.ix_(rows, columns)], axis=1)))
 
-    drops = {score: drop_top(scored, 10, score) for score in (*SCORES, "others_predicted")}  # the most displacing end
+    drops = {score: drop_top(scored, 10, score) for score in (*SCORES, "others_projected")}  # the most displacing end
     count = len(drops["cross_predicted"])
     labels = {score: f"the top {len(dropped)} by {score}" for score, dropped in drops.items()}
     for seed in range(3):

@@ -305,6 +305,8 @@ def test_empty_response_names_file_line_and_field(tmp_path, field, value):
     row = {"prompt": "p", "chosen": "c", "rejected": "r", field: value}
     path = _bad_jsonl(tmp_path, json.dumps(row))
     assert_one_line_error(path, f"{path}:3", f"'{field}' is empty")
+    kept = load_preferences(str(path), keep_empty=True)  # forecast's route: the pair loads, that side ""
+    assert getattr(kept[2], field) == "" and kept[2].prompt == "p" and len(kept) == 3
 
 
 @pytest.mark.parametrize("prompt", ["", "  \n ", []], ids=["empty", "blank", "empty-conversation"])

@@ -120,6 +120,26 @@ def test_cross_predicted_is_the_sum_of_the_exact_per_pair_kernels(tiny64):
     assert list(most) == [PAIRS[j].example_id for j in np.argsort(kernel[0]) if kernel[0, j] < 0][:3]
 
 
+def test_others_projected_is_what_one_sgd_step_on_a_pair_does_to_the_other_chosen(tiny64):
+    """The map's column sums without the diagonal, read against reality: a real SGD step on pair j
+    alone (DPO loss written out, ref = the starting model) changes the other pairs' log π(y⁺) by a
+    total that others_projected[j] (exact map) matches to first order; the diagonal is left out."""
+    model, tokenizer = tiny64
+    lr, beta = 1e-4, 0.1
+    frame = forecast_pairs(model, tokenizer, PAIRS, lr=lr, beta=beta, cross=True, projection_dim=None).pairs
+    before = [float(chosen_logp(model, tokenizer, pref).detach()) for pref in PAIRS]
+    for j in (1, 3):
+        moved = copy.deepcopy(model)
+        ref = [chosen_logp(model, tokenizer, PAIRS[j], side).detach() for side in (0, 1)]
+        plus, minus = (chosen_logp(moved, tokenizer, PAIRS[j], side) for side in (0, 1))
+        (-torch.nn.functional.logsigmoid(beta * ((plus - ref[0]) - (minus - ref[1])))).backward()
+        torch.optim.SGD(moved.parameters(), lr=lr).step()
+        after = [float(chosen_logp(moved, tokenizer, pref).detach()) for pref in PAIRS]
+        actual = sum(after[i] - before[i] for i in range(len(PAIRS)) if i != j)
+        assert frame.loc[j, "others_projected"] == pytest.approx(actual, rel=2e-2), (j, actual)
+        assert abs(actual) > 1e-6
+
+
 def test_the_sketch_agrees_with_exact_inner_products(tiny64):
     model, tokenizer = tiny64
     exact = forecast_pairs(model, tokenizer, PAIRS, lr=1e-4, cross=True, projection_dim=None).kernel
@@ -169,6 +189,38 @@ def test_a_pair_that_cannot_be_scored_is_kept_with_a_note(tiny_gpt2):
     assert np.isnan(frame.loc["long", "self_predicted"]) and np.isnan(result.kernel[1]).all()
     assert "same tokens" in frame.loc["same", "note"] and abs(frame.loc["same", "self_predicted"]) < 1e-9
     assert result.summary["scored"] == 2 and set(result.summary["notes"]) == {"long", "same"}
+    blank = Preference("blank", "Human: Hi. Assistant:", "", " Hello.")
+    cut = forecast_pairs(model, tokenizer, [PAIRS[0], blank], max_length=64).pairs.set_index("example_id")
+    assert cut.loc["blank", "note"] == "not scored: the chosen response is empty"
+    assert np.isnan(cut.loc["blank", "ches"]) and np.isfinite(cut.loc["p0", "self_predicted"])
+
+
+def test_a_file_with_empty_responses_is_forecast_with_them_noted_and_left_out_of_filtered(tmp_path, tiny_folder):
+    """Real HH data has blank final turns: the forecast notes them per row (the strict loader would stop
+    the whole file) and filtered.jsonl, which `train dpo` reads, leaves them out beside the dropped."""
+    import json
+
+    from learndyn.data import load_preferences
+    from learndyn.errors import LearndynError
+    from learndyn.experiments.forecast import ForecastSettings, run_forecast
+
+    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in PAIRS[:4]]
+    rows.insert(2, {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: "})
+    rows.append({"prompt": "Human: Say. Assistant:", "chosen": [{"role": "assistant", "content": " "}],
+                 "rejected": "No."})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(LearndynError, match=f"{data}:3: field 'rejected' has an empty final assistant turn"):
+        load_preferences(str(data))
+    summary = run_forecast(ForecastSettings(data=str(data), model=str(tiny_folder), drop_top=25, lr=1e-5),
+                           tmp_path / "fc", progress=False)
+    frame = pd.read_parquet(tmp_path / "fc" / "forecast.parquet").set_index("example_id")
+    assert len(frame) == 6 and summary["scored"] == 4
+    assert frame.loc["2", "note"] == "not scored: the rejected response is empty"
+    assert frame.loc["5", "note"] == "not scored: the chosen response is empty"
+    assert summary["left_out_empty"] == ["2", "5"] and len(summary["dropped"]) == 1
+    kept = [p.example_id for p in load_preferences(str(tmp_path / "fc" / "filtered.jsonl"))]  # the strict loader
+    assert kept == [e for e in ["0", "1", "3", "4"] if e not in summary["dropped"]]
 
 
 def test_forecast_command_writes_the_folder_and_drops_the_most_displacing_pairs(tmp_path, tiny_folder):
@@ -180,16 +232,19 @@ def test_forecast_command_writes_the_folder_and_drops_the_most_displacing_pairs(
 
     out = tmp_path / "fc"
     result = learndyn("forecast", "--data", "example", "--limit", "6", "--model", str(tiny_folder), "--cross",
-                      "--projection-dim", "4096", "--drop-top", "34%", "--lr", "1e-5", "--out", str(out))
+                      "--projection-dim", "4096", "--drop-top", "34%", "--drop-by", "others_projected", "--lr", "1e-5",
+                      "--out", str(out))
     assert result.returncode == 0, result.stderr
     frame = pd.read_parquet(out / "forecast.parquet")
     assert list(frame["example_id"]) == [p.example_id for p in load_preferences("example", limit=6)]
     assert {"ches", "ches_normalized", "self_predicted", "cross_predicted", "top_displacers"} <= set(frame.columns)
     kernel = np.load(out / "displacement.npy")
     assert kernel.shape == (6, 6)
+    np.testing.assert_allclose(frame["others_projected"], kernel.sum(axis=0) - np.diag(kernel))
     summary = json.loads((out / "summary.json").read_text())
-    worst = list(frame.sort_values("cross_predicted")["example_id"][:2])  # 34% of 6 pairs: 2
-    assert sorted(summary["dropped"]) == sorted(worst)
+    worst = list(frame.sort_values("others_projected")["example_id"][:2])  # 34% of 6 pairs: 2
+    assert sorted(summary["dropped"]) == sorted(worst) and summary["dropped_by"] == "others_projected"
+    assert "by others_projected" in result.stdout
     kept = [row["example_id"] for row in read_rows(out / "filtered.jsonl")]
     assert kept == [e for e in frame["example_id"] if e not in worst]
     assert [p.example_id for p in load_preferences(str(out / "filtered.jsonl"))] == kept  # train dpo reads it
@@ -201,6 +256,8 @@ def test_forecast_command_writes_the_folder_and_drops_the_most_displacing_pairs(
                                    "--out", str(out)), "holds a forecast", "--resume", "--overwrite")
     assert_one_error_line(learndyn("forecast", "--data", "example", "--drop-top", "half", "--out", str(out)),
                           "--drop-top takes a percentage")
+    assert_one_error_line(learndyn("forecast", "--data", "example", "--drop-top", "5", "--drop-by", "loss",
+                                   "--out", str(out)), "drop_by is one of", "others_projected")
     assert_one_error_line(learndyn("forecast", "--data", "example", "--loss", "sft", "--out", str(out)),
                           "pairwise loss")
 
@@ -215,7 +272,20 @@ def test_drop_top_names_the_most_displacing_end_of_each_score():
     assert drop_top(frame, 40) == ["a", "c"]  # the ranking score: cross_predicted, lowest first
     assert drop_top(frame, 40, "self_predicted") == ["b", "e"]
     assert drop_top(frame, 40, "ches") == ["c", "a"]
+    assert drop_top(frame.assign(others_projected=[0.0, -1.0, 2.0, np.nan, -3.0]), 40, "others_projected") == ["e", "b"]
     assert drop_top(frame.drop(columns="cross_predicted"), 10) == ["b"]  # at least one, by self_predicted
+
+
+def test_drop_by_is_checked_before_the_model_loads():
+    from learndyn.errors import LearndynError
+    from learndyn.experiments.forecast import ForecastSettings
+
+    assert ForecastSettings(data="d", cross=True, drop_top=10, drop_by="others_projected").drop_by == "others_projected"
+    for bad, message in ((dict(drop_top=10, drop_by="others"), "drop_by is one of"),
+                         (dict(drop_top=10, drop_by="others_projected"), "pass --cross"),
+                         (dict(drop_by="ches"), "pass --drop-top too")):
+        with pytest.raises(LearndynError, match=message):
+            ForecastSettings(data="d", **bad)
 
 
 def test_forecast_lora_takes_gradients_over_a_fresh_adapter(tmp_path, tiny_folder):

@@ -538,6 +538,7 @@ def forecast(
     projection_dim: Annotated[Optional[int], typer.Option(help=_forecast_help("projection_dim"))] = None,
     top: Annotated[Optional[int], typer.Option(help=_forecast_help("top"))] = None,
     drop_top: Annotated[Optional[str], typer.Option(help=_forecast_help("drop_top") + " Written as 5% or 5.")] = None,
+    drop_by: Annotated[Optional[str], typer.Option(help=_forecast_help("drop_by"))] = None,
     max_length: Annotated[Optional[int], typer.Option(help=_forecast_help("max_length"))] = None,
     limit: Annotated[Optional[int], typer.Option(help=_forecast_help("limit"))] = None,
     seed: Annotated[Optional[int], typer.Option(help=_forecast_help("seed"))] = None,
@@ -552,8 +553,8 @@ def forecast(
     from learndyn.experiments.forecast import CHECKPOINT, ForecastSettings, run_forecast
 
     given = dict(model=model, loss=loss, beta=beta, lr=lr, cross=cross, projection_dim=projection_dim, top=top,
-                 drop_top=_percent(drop_top, "--drop-top"), max_length=_positive(max_length, "--max-length"),
-                 limit=_positive(limit, "--limit"), seed=seed, device=device, lora=lora, lora_r=lora_r,
+                 drop_top=_percent(drop_top, "--drop-top"), drop_by=drop_by,
+                 max_length=_positive(max_length, "--max-length"), limit=_positive(limit, "--limit"), seed=seed, device=device, lora=lora, lora_r=lora_r,
                  lora_alpha=lora_alpha, lora_targets=lora_targets)
     settings = ForecastSettings(data=data, **{k: v for k, v in given.items() if v is not None})
     check_writable(out_dir)
@@ -576,7 +577,11 @@ def forecast(
     for example_id, note in summary["notes"].items():
         out.print(f"  {example_id}: {note}", highlight=False)
     if "dropped" in summary:
-        out.print(f"  dropped {len(summary['dropped'])} pairs: {out_dir / 'filtered.jsonl'}")
+        out.print(f"  dropped the {len(summary['dropped'])} most displacing pairs by {summary['dropped_by']}: "
+                  f"{out_dir / 'filtered.jsonl'}")
+        if summary["left_out_empty"]:
+            out.print(f"  also left out {len(summary['left_out_empty'])} pairs with an empty response (train refuses "
+                      "them)")
     out.print(f"written: {out_dir}/forecast.parquet, summary.json, forecast.html")
 
 

@@ -59,6 +59,11 @@ class Preference:
     columns: dict[str, Any] = field(default_factory=dict)
 
 
+def empty_sides(pref: Preference) -> list[str]:
+    """The sides of a pair that are blank: "chosen", "rejected" (loaded with `keep_empty`)."""
+    return [side for side in ("chosen", "rejected") if not (getattr(pref, side) or "").strip()]
+
+
 def render_prompt(prompt: Prompt, tokenizer: Any) -> str:
     """Turn a prompt into the exact text the model sees.
 
@@ -127,8 +132,12 @@ def _cut_turns(prompt: Messages, tokenizer: Any, room: int) -> Messages:
     return head + prompt[starts[-1]:]
 
 
-def load_preferences(spec: str, *, limit: int | None = None, need_rejected: bool = True) -> list[Preference]:
-    """Load preference data from `spec` (see the module docstring) into `Preference` records."""
+def load_preferences(spec: str, *, limit: int | None = None, need_rejected: bool = True,
+                     keep_empty: bool = False) -> list[Preference]:
+    """Load preference data from `spec` (see the module docstring) into `Preference` records.
+
+    A blank chosen or rejected response stops the load with its file and line, unless `keep_empty`:
+    then the pair loads with that side "" (for `forecast`, which notes such a pair in its row)."""
     if limit is not None and limit < 1:
         raise LearndynError(f"limit must be a positive integer, got {limit}")
     spec_, rows_range = _range_spec(spec)
@@ -142,7 +151,7 @@ def load_preferences(spec: str, *, limit: int | None = None, need_rejected: bool
     for index, (where, row) in rows:
         if limit is not None and len(prefs) >= limit:
             break
-        pref = _to_preference(row, where, default_id=str(index), need_rejected=need_rejected)
+        pref = _to_preference(row, where, default_id=str(index), need_rejected=need_rejected, keep_empty=keep_empty)
         if pref.example_id in seen:
             raise LearndynError(f"{where}: duplicate example_id '{pref.example_id}'")
         seen.add(pref.example_id)
@@ -326,7 +335,8 @@ def _maybe_json(value: str | None) -> Any:
     return value
 
 
-def _to_preference(row: dict[str, Any], where: str, *, default_id: str, need_rejected: bool) -> Preference:
+def _to_preference(row: dict[str, Any], where: str, *, default_id: str, need_rejected: bool,
+                   keep_empty: bool = False) -> Preference:
     example_id = str(row.get("example_id", row.get("id", default_id)))
     if "chosen" not in row or row["chosen"] is None:
         raise LearndynError(f"{where}: missing field 'chosen'")
@@ -336,10 +346,11 @@ def _to_preference(row: dict[str, Any], where: str, *, default_id: str, need_rej
         prompt = parse_prompt(row["prompt"], where)
         if not isinstance(row["chosen"], str) and row.get("rejected") is not None:
             _check_same_context(_messages(row["chosen"], where, "chosen"), row["rejected"], where)
-        chosen = _response(row["chosen"], where, "chosen")
-        rejected = _response(row["rejected"], where, "rejected") if row.get("rejected") is not None else None
+        chosen = _response(row["chosen"], where, "chosen", keep_empty)
+        rejected = (_response(row["rejected"], where, "rejected", keep_empty) if row.get("rejected") is not None
+                    else None)
     else:
-        prompt, chosen, rejected = _implicit_prompt(row, where)
+        prompt, chosen, rejected = _implicit_prompt(row, where, keep_empty)
     extras, columns = {}, {}
     for column, value in row.items():
         name = canonical_type(column)
@@ -362,13 +373,15 @@ def parse_prompt(value: Any, where: str) -> Prompt:
     return messages
 
 
-def _response(value: Any, where: str, name: str) -> str:
+def _response(value: Any, where: str, name: str, keep_empty: bool = False) -> str:
     if not isinstance(value, str):
         messages = _messages(value, where, name)
-        if not messages:
+        if not messages and not keep_empty:
             raise LearndynError(f"{where}: field '{name}' is an empty conversation")
-        value = messages[-1]["content"]
+        value = messages[-1]["content"] if messages else ""
     if not value.strip():
+        if keep_empty:
+            return ""
         raise LearndynError(f"{where}: field '{name}' is empty")
     return value
 
@@ -383,7 +396,7 @@ def _messages(value: Any, where: str, name: str) -> Messages:
     return messages
 
 
-def _implicit_prompt(row: dict[str, Any], where: str) -> tuple[Prompt, str, str | None]:
+def _implicit_prompt(row: dict[str, Any], where: str, keep_empty: bool = False) -> tuple[Prompt, str, str | None]:
     """No `prompt` column: the prompt is the part shared by chosen and rejected."""
     chosen_raw, rejected_raw = row["chosen"], row.get("rejected")
     if isinstance(chosen_raw, str):
@@ -404,8 +417,9 @@ def _implicit_prompt(row: dict[str, Any], where: str) -> tuple[Prompt, str, str 
                                     "the last '\\n\\nAssistant:'); a pair must answer one prompt")
             rejected = rejected_raw[cut:]
         for name, text in (("chosen", chosen), ("rejected", rejected)):
-            if text is not None and not text.strip():
+            if text is not None and not text.strip() and not keep_empty:
                 raise LearndynError(f"{where}: field '{name}' has an empty final assistant turn")
+        chosen, rejected = ("" if text is not None and not text.strip() else text for text in (chosen, rejected))
         return prompt, chosen, rejected
     messages = _messages(chosen_raw, where, "chosen")
     if len(messages) < 2 or messages[-1]["role"] != "assistant":
@@ -413,8 +427,8 @@ def _implicit_prompt(row: dict[str, Any], where: str) -> tuple[Prompt, str, str 
     rejected = None
     if rejected_raw is not None:
         _check_same_context(messages, rejected_raw, where)
-        rejected = _response(rejected_raw, where, "rejected")
-    return messages[:-1], _response(messages, where, "chosen"), rejected
+        rejected = _response(rejected_raw, where, "rejected", keep_empty)
+    return messages[:-1], _response(messages, where, "chosen", keep_empty), rejected
 
 
 def _check_same_context(chosen: Messages, rejected_raw: Any, where: str) -> None:

@@ -12,12 +12,17 @@ To first order, an SGD step of size η on pair j changes log π(y⁺_i) by
     cross_predicted_i = Σ_j c_ij = −η ⟨u_i, G⟩   one pass over all pairs, G = Σ_j g_j: exact, from a
                                                  second pass that dots each u_i with G
     top_displacers_i  = the j with the most negative c_ij, from projected gradients
+    others_projected_j = Σ_{i≠j} c_ij            what a step on pair j does to the other pairs' chosen
+                                                 (a column sum of the map: the question a filter asks,
+                                                 where cross_predicted, a row sum, asks what all do to i)
 
 The N×N map c_ij cannot be formed from exact gradients (each has as many entries as the model), so
 u_i and g_j are compressed by a CountSketch S (each coordinate of each parameter tensor hashed to
 one of `projection_dim` buckets with a random sign; E⟨Su, Sg⟩ = ⟨u, g⟩, seeded, no matrix stored):
-c_ij ≈ −η ⟨Su_i, Sg_j⟩. Its row sums estimate cross_predicted; their rank agreement with the exact
-values is reported with every forecast, so a map too noisy to read says so.
+c_ij ≈ −η ⟨Su_i, Sg_j⟩. Its row sums (cross_projected) estimate cross_predicted; their rank agreement
+with the exact values is reported with every forecast, so a map too noisy to read says so. Its column
+sums (others_projected) have no such exact check: it would take each pair's rejected gradient again
+in pass 2.
 
 CHES (Razin et al., ICLR 2025) is computed from the same forward: with H the sum of the last-layer
 hidden states at the positions that predict the response tokens (the last prompt token through the
@@ -26,8 +31,8 @@ second-to-last response token), CHES = ⟨H⁺, H⁻⟩ − ‖H⁺‖², and it
 quantity CHES approximates (lower means more displacement).
 
 Pairs are tokenized as TRL tokenizes them for `train dpo` (`sequences.encode_update`), cut at the
-run's `max_length` when given. A pair that cannot be scored (its prompt fills max_length, it is longer
-than the model's context) is kept with NaN scores and a `note`, never dropped.
+run's `max_length` when given. A pair that cannot be scored (an empty response, its prompt fills
+max_length, it is longer than the model's context) is kept with NaN scores and a `note`, never dropped.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from learndyn.data import Preference, fit_prompts
+from learndyn.data import Preference, empty_sides, fit_prompts
 from learndyn.dynamics.residuals import margin, sequence_logps
 from learndyn.dynamics.sequences import encode_update, full_inputs
 from learndyn.atomic import atomic_path
@@ -56,7 +61,7 @@ from learndyn.scoring import context_length
 __all__ = ["CountSketch", "Forecast", "forecast_pairs", "ches_scores", "pair_gradients"]
 
 COLUMNS = ("example_id", "ches", "ches_normalized", "self_predicted", "cross_predicted", "cross_projected",
-           "logp_chosen", "logp_rejected", "n_chosen", "n_rejected", "top_displacers", "note")
+           "others_projected", "logp_chosen", "logp_rejected", "n_chosen", "n_rejected", "top_displacers", "note")
 
 
 @dataclass
@@ -207,6 +212,9 @@ def _first_pass(model, tokenizer, pairs, state: _Progress, spec: Loss, beta: flo
     for pref in tracked(todo, label, len(todo)):
         row = {"example_id": pref.example_id, "note": ""}
         try:
+            if empty := empty_sides(pref):
+                raise LearndynError(f"the {' and the '.join(empty)} response{' is' if len(empty) == 1 else 's are'} "
+                                    "empty")
             seqs = encode_update([pref], tokenizer, pairwise=True, max_length=context, truncate=max_length)
         except LearndynError as err:
             u = step = None
@@ -256,6 +264,7 @@ def _result(state: _Progress, kernel, spec: Loss, beta: float, lr: float, cross:
     if kernel is not None:
         frame["cross_projected"] = np.nansum(kernel, axis=1)
         frame.loc[np.isnan(kernel).all(axis=1), "cross_projected"] = np.nan
+        frame["others_projected"] = _others(kernel)
         ids = list(frame["example_id"])
         frame["top_displacers"] = [_most_negative(row, ids, top) for row in kernel]
     frame = frame.reindex(columns=[c for c in COLUMNS if c in frame.columns])
@@ -338,6 +347,14 @@ def _kernel(chosen: list, steps: list, lr: float, exact: bool, block: int = 1024
             g = torch.stack([steps[j] for j in cols]).double()
             kernel[np.ix_(rows, cols)] = -lr * (u @ g.T).numpy()
     return kernel
+
+
+def _others(kernel: np.ndarray) -> np.ndarray:
+    """Σ_{i≠j} c_ij per column j; NaN for an unscored pair (the map's NaN rows and columns are skipped)."""
+    off = np.where(np.eye(len(kernel), dtype=bool), 0.0, kernel)
+    sums = np.nansum(off, axis=0)
+    sums[np.isnan(np.diag(kernel))] = np.nan
+    return sums
 
 
 def _most_negative(row: np.ndarray, ids: list[str], top: int) -> list[str]:

@@ -3,14 +3,17 @@
 Loads the model and DATA, runs `dynamics.forecast.forecast_pairs` and writes, each atomically:
 
     OUT/forecast.parquet   one row per pair: ches, ches_normalized, self_predicted, [cross_predicted,
-                           cross_projected, top_displacers], logp_chosen, logp_rejected, note
+                           cross_projected, others_projected, top_displacers], logp_chosen,
+                           logp_rejected, note
     OUT/displacement.npy   with --cross: the projected map c_ij (N, N), rows and columns in DATA's order
     OUT/summary.json       settings and headline numbers
     OUT/forecast.html      distributions, the most displacing pairs with their texts, the map
-    OUT/filtered.jsonl     with drop_top: DATA without the most displacing pairs (`train dpo --data`)
+    OUT/filtered.jsonl     with drop_top: DATA without the most displacing pairs (`train dpo --data`),
+                           and without pairs with an empty response, which `train` refuses
 
 The ranking score is `cross_predicted` with --cross, else `self_predicted`: the first-order change of
-log π(y⁺); the most negative displace the most.
+log π(y⁺); the most negative displace the most. `drop_by` ranks the dropped pairs by another score,
+e.g. `others_projected`, what a pair's step does to the other pairs' chosen.
 
 With `lora` the forecast is of `train dpo --lora`: that run moves a fresh adapter (B = 0, A random)
 on the model's merged weights, so the gradients are taken over that adapter's parameters alone. At
@@ -35,6 +38,9 @@ __all__ = ["ForecastSettings", "run_forecast", "check_folder", "drop_top", "rank
 
 
 _TRAIN = {f.name: f for f in fields(TrainSettings)}  # the LoRA settings `train` takes, with its defaults
+# the scores drop_top can rank by, and whether each needs the map (--cross)
+DROP_SCORES = {"self_predicted": False, "cross_predicted": True, "others_projected": True, "cross_projected": True,
+               "ches": False, "ches_normalized": False}
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class ForecastSettings:
     projection_dim: int = setting(32768, "Buckets of the CountSketch that compresses per-pair gradients for the map")
     top: int = setting(3, "Displacers listed per pair")
     drop_top: float | None = setting(None, "Write filtered.jsonl without this percentage of most displacing pairs")
+    drop_by: str | None = setting(None, f"Score --drop-top ranks by: {', '.join(DROP_SCORES)}",
+                                  shown="cross_predicted with --cross, else self_predicted")
     max_length: int | None = setting(None, "The training run's max_length: pairs are cut as `train` cuts them",
                                      shown="no cut within the model's context")
     limit: int | None = setting(None, "Forecast the first N pairs only", shown="all")
@@ -67,6 +75,12 @@ class ForecastSettings:
             raise LearndynError(f"forecast needs a pairwise loss such as sigmoid or ipo, not '{self.loss}'")
         if self.drop_top is not None and not 0 < self.drop_top < 100:
             raise LearndynError(f"drop_top is a percentage between 0 and 100, got {self.drop_top}")
+        if self.drop_by is not None and self.drop_by not in DROP_SCORES:
+            raise LearndynError(f"drop_by is one of {', '.join(DROP_SCORES)}, got '{self.drop_by}'")
+        if DROP_SCORES.get(self.drop_by) and not self.cross:
+            raise LearndynError(f"drop_by {self.drop_by} is a score of the map: pass --cross")
+        if self.drop_by is not None and self.drop_top is None:
+            raise LearndynError("drop_by says how --drop-top ranks pairs: pass --drop-top too")
         if not self.lr > 0 or self.projection_dim < 1 or self.top < 1:
             raise LearndynError("lr must be positive, projection_dim and top at least 1")
         if self.lora and (self.lora_r < 1 or not self.lora_alpha > 0):
@@ -111,14 +125,14 @@ def run_forecast(settings: ForecastSettings, out: str | Path, progress: bool = T
     keeps what it finished in OUT/forecast-state.pt, and `resume` continues from there."""
     import numpy as np
 
-    from learndyn.data import load_preferences
+    from learndyn.data import empty_sides, load_preferences
     from learndyn.dynamics.forecast import forecast_pairs
     from learndyn.memory import reporting_oom
     from learndyn.report.forecast_page import render
 
     out = Path(out)
     check_folder(out, resume, overwrite)
-    pairs = load_preferences(settings.data, limit=settings.limit)
+    pairs = load_preferences(settings.data, limit=settings.limit, keep_empty=True)  # noted per row, not an error
     model, tokenizer = _starting_model(settings)
     checkpoint = out / CHECKPOINT
     if overwrite:
@@ -137,10 +151,12 @@ def run_forecast(settings: ForecastSettings, out: str | Path, progress: bool = T
         with atomic_path(out / "displacement.npy") as tmp, open(tmp, "wb") as fh:  # a file: np.save would add .npy
             np.save(fh, result.kernel)
     if settings.drop_top is not None:
-        dropped = set(drop_top(frame, settings.drop_top))
-        kept = [p for p in pairs if p.example_id not in dropped]
+        dropped = set(drop_top(frame, settings.drop_top, settings.drop_by))
+        empty = [p.example_id for p in pairs if empty_sides(p)]
+        kept = [p for p in pairs if p.example_id not in dropped and p.example_id not in empty]
         write_jsonl(out / "filtered.jsonl", [_row(p) for p in kept])
-        summary["dropped"] = sorted(dropped)
+        summary.update(dropped=sorted(dropped), dropped_by=settings.drop_by or ranking_score(frame),
+                       left_out_empty=empty)
     summary["ranking_score"] = ranking_score(frame)
     write_json(out / "summary.json", summary)
     write_bytes(out / "forecast.html", render(frame, result.kernel, pairs, summary).encode("utf-8"))

@@ -53,7 +53,8 @@ def _img(fig: Figure) -> str:
 
 
 def _scores_figure(frame: Any) -> Figure:
-    columns = [c for c in ("ches", "ches_normalized", "self_predicted", "cross_predicted") if c in frame.columns]
+    columns = [c for c in ("ches", "ches_normalized", "self_predicted", "cross_predicted", "others_projected")
+               if c in frame.columns]
     fig = Figure(figsize=(4 * len(columns), 3.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(columns)))
     for ax, column in zip(axes, columns):
