@@ -141,10 +141,14 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS),
                         help="with --filter, the arms to run, in this order (default: all, those that decide the goal "
                              f"first: {','.join(ARMS)})")
+    parser.add_argument("--train-seed", type=int, default=0,
+                        help="seed of every DPO epoch (the order of the pairs); runs of seed S > 0 go to folders "
+                             "ending in -seedS beside those of seed 0 (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--out", type=Path, default=Path("bench-runs/forecast"))
     args = parser.parse_args()
     args.arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
+    args.seeded = f"-seed{args.train_seed}" if args.train_seed else ""
     if unknown := sorted(set(args.arms) - set(ARMS)):
         parser.error(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {','.join(ARMS)}")
     if not args.data.is_file():
@@ -185,9 +189,11 @@ def main() -> None:
     chosen_probes(pairs, probes)
     write_pairs(pairs, data)
     start = time.perf_counter()
-    actual = dpo_changes(data, probes, args.out / "dpo", n, args.lr, seed=0, resume=args.resume).rename("actual")
-    print(f"one DPO epoch on {n} pairs (AdamW lr {args.lr:g}) in {time.perf_counter() - start:.0f} s: "
-          f"{int((actual < 0).sum())} of {n} chosen responses fell, mean change {actual.mean():+.2f}")
+    actual = dpo_changes(data, probes, args.out / f"dpo{args.seeded}", n, args.lr, seed=args.train_seed,
+                         resume=args.resume).rename("actual")
+    print(f"one DPO epoch on {n} pairs (AdamW lr {args.lr:g}, seed {args.train_seed}) in "
+          f"{time.perf_counter() - start:.0f} s: {int((actual < 0).sum())} of {n} chosen responses fell, mean "
+          f"change {actual.mean():+.2f}")
     both = frame.set_index("example_id").join(actual, how="inner")
     for score, sign in SCORES.items():
         ok = both[[score, "actual"]].dropna()
@@ -245,8 +251,8 @@ def filter_experiment(args, pairs, both: pd.DataFrame) -> None:
         write_pairs(kept, data)
         probes = args.out / f"probes-kept-{slug}.jsonl"
         chosen_probes(kept, probes)
-        change = dpo_changes(data, probes, args.out / f"dpo-without-{name.replace(' ', '_')}", len(kept), args.lr, seed=0,
-                             resume=args.resume)
+        change = dpo_changes(data, probes, args.out / f"dpo-without-{name.replace(' ', '_')}{args.seeded}", len(kept),
+                             args.lr, seed=args.train_seed, resume=args.resume)
         (effect,), (low,), (high,) = bootstrap((change - both["actual"].reindex(change.index)).to_frame())
         print(f"  without {labels[name]} (their chosen changed {both['actual'].reindex(dropped).mean():+.2f} on "
               f"average in the full run): mean change of chosen on the {len(kept)} kept {change.mean():+.2f} "
