@@ -1,6 +1,7 @@
 """Which forecast ranks likelihood displacement best? CHES against learndyn's first-order forecasts, on HH.
 
-    python bench/forecast_hh.py [--pairs 128] [--lr 5e-6] [--out bench-runs/forecast] [--filter [--arms A,B]] [--resume]
+    python bench/forecast_hh.py [--pairs 128] [--lr 5e-6] [--out bench-runs/forecast] [--filter [--arms A,B]]
+                                [--train-seed 0] [--resume]
 
 Every part keeps its results in --out; with --resume an interrupted run continues: the forecast from
 its checkpoint (or its finished forecast.parquet), each DPO run reused when finished.
@@ -13,9 +14,10 @@ its checkpoint (or its finished forecast.parquet), each DPO run reused when fini
    resampled). CHES is higher for more displacement, so its expected ρ is negative; the predicted
    changes', positive. "agreement" is ρ times the expected sign.
 4. With --filter: DPO again without the top 10% of pairs by each score, by others_projected (what a
-   pair's step does to the other pairs' chosen: the map's column sums) and without a random 10% (three seeds); the mean
-   change of chosen on the pairs kept, against the full run on the same pairs (paired, with a
-   bootstrap interval), and the map's forecast of that paired difference.
+   pair's step does to the other pairs' chosen: the map's column sums) and without a random 10%
+   (three seeds); the mean change of chosen on the pairs kept, against the full run on the same
+   pairs (paired, with a bootstrap interval), and the map's forecast of that paired difference.
+   --train-seed reruns the DPO epochs in another order of the pairs, beside the first seed's runs.
 """
 
 from __future__ import annotations
